@@ -1,0 +1,1 @@
+"""Everything that knows pixels and models; nothing about HTTP or FHIR."""

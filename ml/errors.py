@@ -1,0 +1,69 @@
+"""Typed errors raised by ml/. Each carries a stable code; fhir_server maps codes to HTTP status."""
+
+from __future__ import annotations
+
+
+class CXRError(Exception):
+    """Base class. `code` is stable and machine-readable; the message is for a person."""
+
+    code = "internal_error"
+    http_status = 500
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class InputError(CXRError):
+    """The caller sent something we cannot use: always a 4xx."""
+
+    code = "invalid_input"
+    http_status = 400
+
+
+class EmptyInput(InputError):
+    code = "empty_input"
+    http_status = 400
+
+
+class UnsupportedFormat(InputError):
+    """Not DICOM, PNG or JPEG (e.g. a PDF, text, GIF)."""
+
+    code = "unsupported_format"
+    http_status = 415
+
+
+class CorruptImage(InputError):
+    """Looks like a supported format but cannot be decoded (truncated, damaged)."""
+
+    code = "corrupt_image"
+    http_status = 422
+
+
+class InputTooLarge(InputError):
+    """Over the byte or pixel limit (also decompression bombs, refused before full decode)."""
+
+    code = "input_too_large"
+    http_status = 413
+
+
+class UnsupportedDicom(InputError):
+    """Valid DICOM but not a single-frame projection radiograph (SR, CT volume, multi-frame...)."""
+
+    code = "unsupported_dicom"
+    http_status = 422
+
+
+class NotChestXRay(InputError):
+    """The out-of-distribution gate refused the image: not a frontal chest radiograph."""
+
+    code = "not_chest_xray"
+    http_status = 422
+
+
+class ModelUnavailable(CXRError):
+    """The configured model cannot be loaded (weights missing, checksum mismatch)."""
+
+    code = "model_unavailable"
+    http_status = 503

@@ -1,0 +1,1 @@
+"""Named models behind one small interface (see base.LoadedModel and registry.load_model)."""

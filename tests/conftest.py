@@ -1,0 +1,25 @@
+"""Shared fixtures. Real data is read from ../shared/data (or CXR_SHARED_DATA) and skipped when absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shared_data_dir() -> Path:
+    return Path(os.environ.get("CXR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real chest X-ray data folder; tests using it skip cleanly when it is not there."""
+    path = _shared_data_dir()
+    if not (path / "README.md").exists():
+        pytest.skip(f"shared data not found at {path}")
+    return path
