@@ -88,7 +88,7 @@ def sniff(data: bytes, filename: str | None = None) -> Format:
     "dicom?" means: no DICM marker, but the bytes may be a preamble-less DICOM dataset; the DICOM
     reader decides (and raises UnsupportedFormat if the parse does not look like DICOM).
     """
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    if (len(data) >= 132 and data[128:132] == b"DICM") or data.startswith(b"DICM"):
         return "dicom"
     if data.startswith(PNG_SIGNATURE):
         return "png"
