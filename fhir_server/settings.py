@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     auth_tokens: dict[str, str] = Field(
         default_factory=dict, description='JSON map of bearer token -> space-separated SMART scopes'
     )
+    oauth_token_url: str | None = Field(
+        None, description="Token endpoint of the authorization server issuing the bearer tokens (published in /fhir/metadata and /.well-known/smart-configuration)"
+    )
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -23,3 +23,19 @@ def shared_data() -> Path:
     if not (path / "README.md").exists():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture
+def tiny_model():
+    """A small hand-wired LoadedModel (see tests/model_fixtures.py): pneumonia <- top-left quadrant."""
+    from model_fixtures import tiny_model as make
+
+    return make()
+
+
+@pytest.fixture
+def tiny_analyzer():
+    """Factory: tiny_analyzer(model=None, *, ood_gate=None, max_bytes=..., max_pixels=..., heatmap_top_k=3)."""
+    from model_fixtures import tiny_analyzer as make
+
+    return make

@@ -1,0 +1,160 @@
+"""GET [base]/metadata (CapabilityStatement) and GET /.well-known/smart-configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from fhir_server.storage import SUPPORTED_TYPES
+from fhir_server.storage.params import COMMON, SEARCH_PARAMS, reference_params
+
+from .common import base_url
+from .negotiation import fhir_json_response
+
+router = APIRouter()
+smart_router = APIRouter()
+
+FHIR_VERSION = "4.0.1"
+OPERATION_TYPES = ("Media", "ImagingStudy")  # $analyze, published as OperationDefinition/<Type>-analyze
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type")
+
+
+def operation_definition_url(base: str, resource_type: str) -> str:
+    """The canonical of the $analyze OperationDefinition of a type: the `url` the operations
+    module publishes (one source of truth), else [base]/OperationDefinition/<Type>-analyze."""
+    try:
+        from .operations import OPERATION_DEFINITIONS
+    except ImportError:
+        OPERATION_DEFINITIONS = {}
+    definition = OPERATION_DEFINITIONS.get(f"{resource_type}-analyze")
+    if definition and definition.get("url"):
+        return definition["url"]
+    return f"{base}/OperationDefinition/{resource_type}-analyze"
+
+
+def _search_params(rtype: str) -> list[dict[str, Any]]:
+    params = list(COMMON.values()) + list(SEARCH_PARAMS.get(rtype, {}).values())
+    out = []
+    for p in params:
+        entry = {"name": p.name, "definition": p.definition, "type": p.type}
+        if p.documentation:
+            entry["documentation"] = p.documentation
+        out.append(entry)
+    return out
+
+
+def _resource(base: str, rtype: str) -> dict[str, Any]:
+    refs = reference_params(rtype)
+    res: dict[str, Any] = {
+        "type": rtype,
+        "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
+        "interaction": [{"code": code} for code in INTERACTIONS],
+        "versioning": "versioned",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": True,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "referencePolicy": ["literal", "local"],
+    }
+    if refs:
+        res["searchInclude"] = [f"{rtype}:{name}" for name in refs] + [f"{rtype}:*"]
+    rev = sorted(
+        f"{source}:{name}"
+        for source in SUPPORTED_TYPES
+        for name, p in reference_params(source).items()
+        if not p.targets or rtype in p.targets
+    )
+    if rev:
+        res["searchRevInclude"] = rev
+    res["searchParam"] = _search_params(rtype)
+    if rtype in OPERATION_TYPES:
+        res["operation"] = [{"name": "analyze", "definition": operation_definition_url(base, rtype)}]
+    return res
+
+
+def capability_statement(request: Request) -> dict[str, Any]:
+    base = base_url(request)
+    settings = request.app.state.settings
+    version = getattr(request.app, "version", "0.0.0")
+    security: dict[str, Any] = {
+        "cors": True,
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                        "display": "SMART-on-FHIR",
+                    }
+                ],
+                "text": "OAuth2 bearer tokens with SMART Backend Services scopes (system/*.rs, system/*.cruds)",
+            }
+        ],
+        "description": (
+            "Bearer tokens with SMART scopes are required when authentication is enabled"
+            if settings.auth_enabled
+            else "Authentication is disabled on this deployment (CXR_AUTH_ENABLED=false)"
+        ),
+    }
+    token_url = getattr(settings, "oauth_token_url", None)
+    if token_url:
+        security["extension"] = [{"url": OAUTH_URIS, "extension": [{"url": "token", "valueUri": token_url}]}]
+    return {
+        "resourceType": "CapabilityStatement",
+        "id": "cxr-fhir",
+        "url": f"{base}/metadata",
+        "name": "CXRFHIRServer",
+        "title": "CXR-FHIR server capability statement",
+        "status": "active",
+        "experimental": False,
+        "date": "2026-11-25",
+        "publisher": "CXR-FHIR",
+        "description": "FHIR R4 server for AI analysis of chest radiographs (decision support, not a diagnosis)",
+        "kind": "instance",
+        "software": {"name": "CXR-FHIR", "version": version},
+        "implementation": {"description": "CXR-FHIR", "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["json", "application/fhir+json"],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": "Chest X-ray AI: POST Media or ImagingStudy to $analyze for a DiagnosticReport with Observations",
+                "security": security,
+                "resource": [_resource(base, rtype) for rtype in SUPPORTED_TYPES],
+                "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+                "searchParam": _search_params(""),
+            }
+        ],
+    }
+
+
+@router.get("/metadata", summary="capabilities")
+async def metadata(request: Request) -> Response:
+    return fhir_json_response(request, capability_statement(request))
+
+
+def smart_configuration(request: Request) -> dict[str, Any]:
+    settings = request.app.state.settings
+    scopes = ["system/*.rs", "system/*.cruds", "system/*.read", "system/*.write"]
+    scopes += [f"system/{t}.rs" for t in SUPPORTED_TYPES] + [f"system/{t}.cruds" for t in SUPPORTED_TYPES]
+    config: dict[str, Any] = {
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+        "scopes_supported": scopes,
+        "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+    }
+    token_url = getattr(settings, "oauth_token_url", None)
+    if token_url:
+        config["token_endpoint"] = token_url
+    return config
+
+
+@smart_router.get("/.well-known/smart-configuration", summary="SMART configuration")
+async def smart_config(request: Request) -> JSONResponse:
+    return JSONResponse(smart_configuration(request))

@@ -1,0 +1,477 @@
+"""Repository: versioned resource storage with atomic multi-resource transactions."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qsl
+
+from sqlalchemy import delete, false, func, insert, select, text, true, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session
+
+from .engine import WRITE_OPTION, create_tables, make_engine
+from .errors import (
+    InvalidResource,
+    PreconditionFailed,
+    ResourceExists,
+    ResourceGone,
+    ResourceNotFound,
+    StorageBusy,
+    UnsupportedResourceType,
+    VersionConflict,
+)
+from .indexing import index_rows
+from .params import SUPPORTED_TYPES
+from .query import SearchQuery, parse_search
+from .search import order_by, where_clauses
+from .tables import ResourceVersion as RV
+from .tables import SearchIndex as SI
+from .timeutil import format_instant, http_date, to_naive_utc, utcnow
+
+ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_ETAG_RE = re.compile(r'^\s*(?:W/)?"?([0-9]+)"?\s*$')
+
+_ONE_MS = timedelta(milliseconds=1)
+# _include/_revinclude of one page never returns more than this (a popular target would otherwise
+# drag thousands of Provenances into a 20-entry page)
+MAX_INCLUDED = 1000
+
+_COLS = (RV.pk, RV.resource_type, RV.resource_id, RV.version_id, RV.last_updated, RV.deleted, RV.method, RV.content)
+
+
+def new_id() -> str:
+    """A server-assigned logical id (32 hex characters, valid FHIR id)."""
+    return uuid.uuid4().hex
+
+
+def parse_etag(value: str | int) -> int:
+    """'W/"3"', '"3"', '3' or 3 -> 3; anything else -> PreconditionFailed."""
+    if isinstance(value, int):
+        return value
+    match = _ETAG_RE.match(value)
+    if not match:
+        raise PreconditionFailed(f"If-Match must be a version ETag like W/\"1\", not {value!r}")
+    return int(match.group(1))
+
+
+@dataclass(frozen=True)
+class StoredResource:
+    """One stored version. `resource` is the JSON dict with id and meta filled (None if deleted)."""
+
+    resource_type: str
+    id: str
+    version_id: int
+    last_updated: datetime  # naive UTC
+    deleted: bool
+    method: str  # create | update | delete
+    resource: dict[str, Any] | None
+    # True when this call created the resource (create, update-as-create); False for an
+    # update or a conditional create that found an existing match.
+    created: bool = False
+
+    @property
+    def version(self) -> str:
+        return str(self.version_id)
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version_id}"'
+
+    @property
+    def reference(self) -> str:
+        return f"{self.resource_type}/{self.id}"
+
+    @property
+    def last_modified(self) -> str:
+        """HTTP date for the Last-Modified header."""
+        return http_date(self.last_updated)
+
+    @property
+    def last_updated_instant(self) -> str:
+        return format_instant(self.last_updated)
+
+    def location(self, base: str) -> str:
+        return f"{base.rstrip('/')}/{self.resource_type}/{self.id}/_history/{self.version_id}"
+
+
+@dataclass
+class SearchResult:
+    total: int
+    matches: list[StoredResource] = field(default_factory=list)
+    included: list[StoredResource] = field(default_factory=list)
+
+
+@dataclass
+class HistoryPage:
+    total: int
+    entries: list[StoredResource] = field(default_factory=list)
+
+
+def _as_dict(resource: Any) -> dict[str, Any]:
+    if isinstance(resource, dict):
+        return dict(resource)
+    dump = getattr(resource, "model_dump", None)  # a fhir.resources model
+    if dump is None:
+        raise InvalidResource(f"expected a resource dict or fhir.resources model, got {type(resource).__name__}")
+    return dump(mode="json")
+
+
+def _check_type(resource_type: str) -> None:
+    if resource_type not in SUPPORTED_TYPES:
+        raise UnsupportedResourceType(f"resource type {resource_type!r} is not supported by this server")
+
+
+def _check_id(resource_id: str) -> None:
+    if not isinstance(resource_id, str) or not ID_RE.match(resource_id):
+        raise InvalidResource(f"invalid resource id {resource_id!r} (1-64 of A-Z a-z 0-9 - .)", expression=["id"])
+
+
+def _stored(row, *, created: bool = False) -> StoredResource:
+    return StoredResource(
+        resource_type=row.resource_type,
+        id=row.resource_id,
+        version_id=row.version_id,
+        last_updated=row.last_updated,
+        deleted=row.deleted,
+        method=row.method,
+        resource=json.loads(row.content) if row.content is not None else None,
+        created=created,
+    )
+
+
+def _with_meta(resource: dict[str, Any], resource_id: str, version_id: int, now: datetime) -> dict[str, Any]:
+    meta = dict(resource.get("meta") or {})
+    meta["versionId"] = str(version_id)
+    meta["lastUpdated"] = format_instant(now)
+    rest = {k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")}
+    return {"resourceType": resource["resourceType"], "id": resource_id, "meta": meta, **rest}
+
+
+class Transaction:
+    """All reads and writes through one Transaction share one database transaction: they commit
+    together when the `with repo.transaction()` block ends, or none of them does."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    # ---- reads -------------------------------------------------------------------------
+    def _current(self, resource_type: str, resource_id: str):
+        stmt = select(*_COLS).where(
+            RV.resource_type == resource_type, RV.resource_id == resource_id, RV.is_current == true()
+        )
+        return self.session.execute(stmt).first()
+
+    def read(self, resource_type: str, resource_id: str) -> StoredResource:
+        """The current version; ResourceNotFound / ResourceGone (deleted)."""
+        _check_type(resource_type)
+        row = self._current(resource_type, resource_id)
+        if row is None:
+            raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+        if row.deleted:
+            raise ResourceGone(f"{resource_type}/{resource_id} was deleted", version_id=row.version_id)
+        return _stored(row)
+
+    def read_or_none(self, resource_type: str, resource_id: str) -> StoredResource | None:
+        """The current version, or None when unknown or deleted."""
+        try:
+            return self.read(resource_type, resource_id)
+        except (ResourceNotFound, ResourceGone):
+            return None
+
+    def vread(self, resource_type: str, resource_id: str, version_id: int | str) -> StoredResource:
+        """One version. A deleted version raises ResourceGone."""
+        _check_type(resource_type)
+        try:
+            vid = int(version_id)
+        except (TypeError, ValueError):
+            raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id!r}") from None
+        stmt = select(*_COLS).where(
+            RV.resource_type == resource_type, RV.resource_id == resource_id, RV.version_id == vid
+        )
+        row = self.session.execute(stmt).first()
+        if row is None:
+            if self._current(resource_type, resource_id) is None:
+                raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+            raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {vid}")
+        if row.deleted:
+            raise ResourceGone(f"{resource_type}/{resource_id} version {vid} is a deletion", version_id=vid)
+        return _stored(row)
+
+    def history(
+        self,
+        resource_type: str | None = None,
+        resource_id: str | None = None,
+        *,
+        since: datetime | None = None,
+        count: int = 20,
+        offset: int = 0,
+    ) -> HistoryPage:
+        """Versions newest first: of one resource, of one type, or of everything."""
+        conds = []
+        if resource_type is not None:
+            _check_type(resource_type)
+            conds.append(RV.resource_type == resource_type)
+        if resource_id is not None:
+            conds.append(RV.resource_id == resource_id)
+            if self._current(resource_type, resource_id) is None:
+                raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+        if since is not None:
+            conds.append(RV.last_updated >= to_naive_utc(since))
+        total = self.session.execute(select(func.count()).select_from(RV).where(*conds)).scalar_one()
+        stmt = select(*_COLS).where(*conds).order_by(RV.last_updated.desc(), RV.pk.desc()).offset(offset).limit(count)
+        return HistoryPage(total, [_stored(r) for r in self.session.execute(stmt)])
+
+    def search(self, query: SearchQuery) -> SearchResult:
+        """Run a parsed query: total, one page of matches, and the _include/_revinclude resources."""
+        clauses = where_clauses(query)
+        total = self.session.execute(select(func.count()).select_from(RV).where(*clauses)).scalar_one()
+        if query.summary == "count" or query.count == 0:
+            return SearchResult(total)
+        stmt = select(*_COLS).where(*clauses).order_by(*order_by(query)).offset(query.offset).limit(query.count)
+        matches = [_stored(r) for r in self.session.execute(stmt)]
+        return SearchResult(total, matches, self._included(query, matches))
+
+    def search_params(self, resource_type: str, items: Iterable[tuple[str, str]], *, strict: bool = False) -> SearchResult:
+        """Parse and run a search given as name/value pairs (e.g. [("patient", "Patient/1")])."""
+        return self.search(parse_search(resource_type, items, strict=strict))
+
+    def _included(self, query: SearchQuery, matches: list[StoredResource]) -> list[StoredResource]:
+        if not matches or not (query.include or query.revinclude):
+            return []
+        ids = [m.id for m in matches]
+        wanted: set[tuple[str, str]] = set()
+        for inc in query.include:
+            stmt = select(SI.ref_type, SI.ref_id).where(
+                SI.resource_type == inc.source_type, SI.resource_id.in_(ids), SI.ref_type.is_not(None)
+            )
+            if inc.param != "*":
+                stmt = stmt.where(SI.param == inc.param)
+            if inc.target_type:
+                stmt = stmt.where(SI.ref_type == inc.target_type)
+            wanted.update((t, i) for t, i in self.session.execute(stmt) if t in SUPPORTED_TYPES)
+        for rev in query.revinclude:
+            stmt = select(SI.resource_id).where(
+                SI.resource_type == rev.source_type, SI.ref_type == query.resource_type, SI.ref_id.in_(ids)
+            )
+            if rev.param != "*":
+                stmt = stmt.where(SI.param == rev.param)
+            wanted.update((rev.source_type, i) for (i,) in self.session.execute(stmt))
+        wanted -= {(m.resource_type, m.id) for m in matches}
+        by_type: dict[str, list[str]] = {}
+        for rtype, rid in wanted:
+            by_type.setdefault(rtype, []).append(rid)
+        included: list[StoredResource] = []
+        for rtype, rids in sorted(by_type.items()):
+            stmt = (
+                select(*_COLS)
+                .where(RV.resource_type == rtype, RV.resource_id.in_(rids), RV.is_current == true(), RV.deleted == false())
+                .order_by(RV.pk)
+                .limit(MAX_INCLUDED - len(included))
+            )
+            if len(included) >= MAX_INCLUDED:
+                break
+            included.extend(_stored(r) for r in self.session.execute(stmt))
+        return included
+
+    def find(self, resource_type: str, criteria: str, *, limit: int = 2) -> list[StoredResource]:
+        """Matches of a search query string ('identifier=sys|val&status=final'), strict: the
+        conditional-create form, where an ignored parameter would silently match too much."""
+        items = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
+        if not items:
+            raise PreconditionFailed("the conditional criteria are empty")
+        query = parse_search(resource_type, items, strict=True)
+        query.count, query.offset, query.include, query.revinclude = limit, 0, [], []
+        return self.search(query).matches
+
+    # ---- writes ------------------------------------------------------------------------
+    def lock_criteria(self, resource_type: str, criteria: str) -> None:
+        """Serialise conditional creates with the same criteria until this transaction ends, so
+        two concurrent If-None-Exist requests cannot both create. SQLite writers are already
+        serialised (BEGIN IMMEDIATE); PostgreSQL gets a transaction-scoped advisory lock."""
+        if self.session.get_bind().dialect.name != "postgresql":
+            return
+        key = resource_type + "?" + "&".join(f"{k}={v}" for k, v in sorted(parse_qsl(criteria.lstrip("?"), keep_blank_values=True)))
+        self.session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
+
+    def _write(self, resource_type: str, resource_id: str, resource: dict | None, method: str, previous) -> StoredResource:
+        now = utcnow()
+        version_id = 1
+        if previous is not None:
+            version_id = previous.version_id + 1
+            if now <= previous.last_updated:  # keep lastUpdated strictly increasing per resource
+                now = previous.last_updated + _ONE_MS
+            result = self.session.execute(
+                update(RV).where(RV.pk == previous.pk, RV.is_current == true()).values(is_current=False)
+            )
+            if result.rowcount != 1:
+                raise VersionConflict(f"{resource_type}/{resource_id} was changed by another request; retry")
+        content = None
+        if resource is not None:
+            resource = _with_meta(resource, resource_id, version_id, now)
+            content = json.dumps(resource, separators=(",", ":"), ensure_ascii=False)
+        try:
+            self.session.execute(
+                insert(RV).values(
+                    resource_type=resource_type,
+                    resource_id=resource_id,
+                    version_id=version_id,
+                    last_updated=now,
+                    deleted=resource is None,
+                    is_current=True,
+                    method=method,
+                    content=content,
+                )
+            )
+        except IntegrityError as exc:
+            raise VersionConflict(f"{resource_type}/{resource_id} was changed by another request; retry") from exc
+        self.session.execute(delete(SI).where(SI.resource_type == resource_type, SI.resource_id == resource_id))
+        if resource is not None:
+            rows = [r.model_dump(exclude={"pk"}) for r in index_rows(resource_type, resource_id, resource)]
+            if rows:
+                self.session.execute(insert(SI), rows)
+        return StoredResource(
+            resource_type, resource_id, version_id, now, resource is None, method, resource, created=method == "create"
+        )
+
+    def create(self, resource: Any, *, resource_id: str | None = None, if_none_exist: str | None = None) -> StoredResource:
+        """Create version 1. `resource_id` lets the server pre-assign ids (e.g. to link resources
+        written in one transaction); any id in the body is ignored as FHIR create requires.
+        `if_none_exist` (a search query string): 0 matches -> create, 1 -> return it
+        (created=False), more -> PreconditionFailed."""
+        body = _as_dict(resource)
+        resource_type = body.get("resourceType")
+        if not isinstance(resource_type, str):
+            raise InvalidResource("resource has no resourceType", expression=["resourceType"])
+        _check_type(resource_type)
+        if if_none_exist:
+            self.lock_criteria(resource_type, if_none_exist)
+            found = self.find(resource_type, if_none_exist)
+            if len(found) > 1:
+                raise PreconditionFailed(f"If-None-Exist '{if_none_exist}' matched more than one {resource_type}")
+            if found:
+                return found[0]
+        rid = resource_id or new_id()
+        _check_id(rid)
+        previous = self._current(resource_type, rid)
+        if previous is not None:
+            raise ResourceExists(f"{resource_type}/{rid} already exists")
+        return self._write(resource_type, rid, body, "create", None)
+
+    def update(self, resource_type: str, resource_id: str, resource: Any, *, if_match: str | int | None = None) -> StoredResource:
+        """New version of (type, id); creates it when unknown or deleted (created=True).
+        `if_match`: the expected current version (ETag or number) -> PreconditionFailed."""
+        _check_type(resource_type)
+        _check_id(resource_id)
+        body = _as_dict(resource)
+        if body.get("resourceType") != resource_type:
+            raise InvalidResource(
+                f"resourceType {body.get('resourceType')!r} does not match {resource_type}", expression=["resourceType"]
+            )
+        if body.get("id") not in (None, resource_id):
+            raise InvalidResource(f"resource id {body.get('id')!r} does not match {resource_id!r}", expression=["id"])
+        previous = self._current(resource_type, resource_id)
+        if if_match is not None:
+            expected = parse_etag(if_match)
+            if previous is None or previous.deleted or previous.version_id != expected:
+                have = "none" if previous is None or previous.deleted else previous.version_id
+                raise PreconditionFailed(
+                    f"If-Match version {expected} does not match the current version ({have}) of {resource_type}/{resource_id}"
+                )
+        created = previous is None or previous.deleted
+        stored = self._write(resource_type, resource_id, body, "create" if previous is None else "update", previous)
+        return StoredResource(**{**stored.__dict__, "created": created})
+
+    def delete(self, resource_type: str, resource_id: str, *, if_match: str | int | None = None) -> StoredResource | None:
+        """Write a deletion version; None when there was nothing (unknown or already deleted)."""
+        _check_type(resource_type)
+        previous = self._current(resource_type, resource_id)
+        if if_match is not None:
+            expected = parse_etag(if_match)
+            if previous is None or previous.deleted or previous.version_id != expected:
+                raise PreconditionFailed(f"If-Match version {expected} does not match {resource_type}/{resource_id}")
+        if previous is None or previous.deleted:
+            return None
+        return self._write(resource_type, resource_id, None, "delete", previous)
+
+
+
+
+class Repository:
+    """The storage entry point. One per application (app.state.store); thread-safe."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._write_engine = engine.execution_options(**{WRITE_OPTION: True})
+
+    @classmethod
+    def from_url(cls, url: str, *, create: bool = True, echo: bool = False) -> "Repository":
+        repo = cls(make_engine(url, echo=echo))
+        if create:
+            repo.create_tables()
+        return repo
+
+    def create_tables(self) -> None:
+        create_tables(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[Transaction]:
+        """`with repo.transaction() as tx:` - everything inside commits together on normal exit;
+        any exception rolls all of it back and propagates."""
+        with Session(self._write_engine if write else self.engine, expire_on_commit=False) as session:
+            try:
+                with session.begin():
+                    yield Transaction(session)
+            except IntegrityError as exc:  # a unique key raced at commit time
+                raise VersionConflict("a concurrent request changed the same resource; retry") from exc
+            except OperationalError as exc:
+                if "locked" in str(exc.orig).lower():
+                    raise StorageBusy("the database is busy; retry shortly") from exc
+                raise
+
+    # One-shot helpers, each its own transaction.
+    def create(self, resource: Any, **kwargs: Any) -> StoredResource:
+        with self.transaction() as tx:
+            return tx.create(resource, **kwargs)
+
+    def update(self, resource_type: str, resource_id: str, resource: Any, **kwargs: Any) -> StoredResource:
+        with self.transaction() as tx:
+            return tx.update(resource_type, resource_id, resource, **kwargs)
+
+    def delete(self, resource_type: str, resource_id: str, **kwargs: Any) -> StoredResource | None:
+        with self.transaction() as tx:
+            return tx.delete(resource_type, resource_id, **kwargs)
+
+    def read(self, resource_type: str, resource_id: str) -> StoredResource:
+        with self.transaction(write=False) as tx:
+            return tx.read(resource_type, resource_id)
+
+    def vread(self, resource_type: str, resource_id: str, version_id: int | str) -> StoredResource:
+        with self.transaction(write=False) as tx:
+            return tx.vread(resource_type, resource_id, version_id)
+
+    def history(self, resource_type: str | None = None, resource_id: str | None = None, **kwargs: Any) -> HistoryPage:
+        with self.transaction(write=False) as tx:
+            return tx.history(resource_type, resource_id, **kwargs)
+
+    def search(self, query: SearchQuery) -> SearchResult:
+        with self.transaction(write=False) as tx:
+            return tx.search(query)
+
+    def search_params(self, resource_type: str, items: Iterable[tuple[str, str]], *, strict: bool = False) -> SearchResult:
+        with self.transaction(write=False) as tx:
+            return tx.search_params(resource_type, items, strict=strict)

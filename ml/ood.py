@@ -1,0 +1,159 @@
+"""The bundled out-of-distribution gate: is this a frontal chest radiograph at all?
+
+Three checks, cheapest first; the first that fails gives the reason:
+1. metadata: a CT/MR/US/... DICOM modality, a lateral view position, a colour image
+   (ingest's `colorfulness`: radiographs saved as RGB are grey), a blank image;
+2. a logistic "chest vs not-chest" head on the pneumonia network's pooled backbone features,
+   trained on the training radiographs against generated negatives (photos, documents,
+   screenshots, noise, CT/MR slices, chest films rotated by 90/180 degrees);
+3. a Mahalanobis distance (PCA-whitened) of those features from the training radiographs, which
+   catches what the head never saw (anything far from every training film).
+
+Both learned scores are mapped so that 0.5 sits at their own threshold (set on the calibration
+chest films so ~99.5% of them pass each check); the gate score is the smaller of the two and an
+image passes when it is >= 0.5. The gate shares the classifier's backbone weights, so it adds one
+forward pass and no extra download.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ml.analysis import OODResult
+from ml.image import XRayImage
+from ml.preprocess import to_model_input
+
+GATE_THRESHOLD = 0.5
+# Modalities that are never a projection chest radiograph (ingest may refuse some of them already).
+NON_RADIOGRAPH_MODALITIES = {"CT", "MR", "US", "NM", "PT", "OT", "XA", "RF", "MG", "OP", "SM", "ES", "IO", "PX", "SEG", "RTDOSE"}
+LATERAL_VIEWS = {"LAT", "LL", "RL", "LATERAL", "RLD", "LLD", "XTABLE"}
+# ingest's colorfulness is the mean chroma in [0, 1]; grey films stored as RGB are ~0, a film with a
+# few coloured annotations stays well below this, photos are typically 0.1-0.4.
+MAX_COLORFULNESS = 0.06
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, x))))
+
+
+@dataclass
+class GateParams:
+    head_w: np.ndarray  # (D,) logistic weights on raw pooled features
+    head_b: float  # bias, already shifted so 0 is the operating threshold
+    mean: np.ndarray  # (D,) training-feature mean
+    components: np.ndarray  # (K, D) PCA directions
+    inv_sd: np.ndarray  # (K,) 1 / sqrt(PCA variance)
+    dist_threshold: float  # Mahalanobis distance (RMS per component) at the gate threshold
+    dist_scale: float  # softness of the distance score around its threshold
+
+    def to_state(self) -> dict[str, torch.Tensor]:
+        return {
+            "ood.head_w": torch.from_numpy(self.head_w.astype(np.float32)),
+            "ood.head_b": torch.tensor([self.head_b], dtype=torch.float32),
+            "ood.mean": torch.from_numpy(self.mean.astype(np.float32)),
+            "ood.components": torch.from_numpy(self.components.astype(np.float32)),
+            "ood.inv_sd": torch.from_numpy(self.inv_sd.astype(np.float32)),
+            "ood.dist": torch.tensor([self.dist_threshold, self.dist_scale], dtype=torch.float32),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> GateParams:
+        dist = state["ood.dist"].double().numpy()
+        return cls(
+            head_w=state["ood.head_w"].double().numpy(),
+            head_b=float(state["ood.head_b"][0]),
+            mean=state["ood.mean"].double().numpy(),
+            components=state["ood.components"].double().numpy(),
+            inv_sd=state["ood.inv_sd"].double().numpy(),
+            dist_threshold=float(dist[0]),
+            dist_scale=float(dist[1]),
+        )
+
+    def head_logit(self, feats: np.ndarray) -> np.ndarray:
+        return feats @ self.head_w + self.head_b
+
+    def distance(self, feats: np.ndarray) -> np.ndarray:
+        z = ((feats - self.mean) @ self.components.T) * self.inv_sd
+        return np.sqrt(np.mean(z * z, axis=-1))
+
+    def scores(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(head score, distance score), each 0..1 with 0.5 at its threshold."""
+        head = 1.0 / (1.0 + np.exp(-np.clip(self.head_logit(feats), -60, 60)))
+        d = self.distance(feats)
+        dist = 1.0 / (1.0 + np.exp(-np.clip((self.dist_threshold - d) / self.dist_scale, -60, 60)))
+        return head, dist
+
+
+def metadata_reason(image: XRayImage) -> str | None:
+    """A refusal reason from metadata and trivial pixel statistics, or None."""
+    meta = image.metadata
+    modality = (meta.modality or "").upper()
+    if modality in NON_RADIOGRAPH_MODALITIES:
+        return f"DICOM modality {modality} is not a projection radiograph"
+    view = (meta.view_position or "").upper().replace(" ", "")
+    if view in LATERAL_VIEWS:
+        return f"view position {meta.view_position} is not a frontal (PA/AP) chest view"
+    try:
+        colour = float(meta.extra.get("colorfulness", "0") or 0.0)
+    except ValueError:
+        colour = 0.0
+    if colour > MAX_COLORFULNESS:
+        return f"the image is in colour (colourfulness {colour:.2f}); radiographs are greyscale"
+    px = image.pixels
+    if px.size == 0 or float(px.max()) - float(px.min()) < 1e-3:
+        return "the image is blank (a single grey level)"
+    h, w = px.shape
+    if max(h, w) > 4 * min(h, w):
+        return f"the image shape {w}x{h} is far from that of a chest radiograph"
+    return None
+
+
+class FeatureGate:
+    """OODGate on the pneumonia network's features (see module docstring)."""
+
+    def __init__(self, network: torch.nn.Module, params: GateParams | None, input_size: int) -> None:
+        self._net = network
+        self._params = params
+        self._size = input_size
+
+    @classmethod
+    def from_state(cls, network: torch.nn.Module, state: dict[str, torch.Tensor], config: dict[str, Any],
+                   input_size: int) -> FeatureGate:
+        params = GateParams.from_state(state) if "ood.head_w" in state else None
+        return cls(network, params, input_size)
+
+    def features(self, image: XRayImage) -> np.ndarray:
+        x, _ = to_model_input(image.pixels, self._size)
+        with torch.no_grad():
+            return self._net.pooled(torch.from_numpy(x)[None]).double().numpy()[0]
+
+    def check(self, image: XRayImage) -> OODResult:
+        reason = metadata_reason(image)
+        if reason is not None:
+            return OODResult(passed=False, score=0.0, threshold=GATE_THRESHOLD, reason=reason)
+        if self._params is None:  # weights shipped without a gate: metadata checks only
+            return OODResult(passed=True, score=1.0, threshold=GATE_THRESHOLD, reason=None)
+        head, dist = self._params.scores(self.features(image)[None])
+        head_s, dist_s = float(head[0]), float(dist[0])
+        score = min(head_s, dist_s)
+        if score >= GATE_THRESHOLD:
+            return OODResult(passed=True, score=score, threshold=GATE_THRESHOLD, reason=None)
+        if head_s < GATE_THRESHOLD:
+            why = f"the image does not look like a frontal chest radiograph (chest score {head_s:.2f})"
+        else:
+            why = f"the image is unlike the chest radiographs the model was trained on (typicality {dist_s:.2f})"
+        return OODResult(passed=False, score=score, threshold=GATE_THRESHOLD, reason=why)
+
+
+def load_default_gate() -> FeatureGate:
+    """The gate bundled with cxr:pneumonia-v1 (loads and verifies the shipped weights)."""
+    from ml.models.bundled import load_bundled
+
+    gate = load_bundled().ood_gate
+    assert isinstance(gate, FeatureGate)
+    return gate

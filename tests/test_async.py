@@ -1,0 +1,175 @@
+"""Prefer: respond-async: 202 + Content-Location, polling (202 + X-Progress, then 200 / error),
+DELETE cancels, and the Task resource that tracks the same job; restart recovery."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from analyze_support import by_type, make_client, media, outcome, total, wait_until
+from model_fixtures import tiny_analyzer
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+@pytest.fixture
+def client(tmp_path):
+    with make_client(tmp_path) as c:
+        yield c
+
+
+def create_media(client, **extra) -> str:
+    response = client.post("/fhir/Media", json=media(**extra))
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def poll_until_done(client, url: str):
+    def finished():
+        r = client.get(url)
+        return r if r.status_code != 202 else None
+
+    return wait_until(finished)
+
+
+def test_async_analyze_completes_and_task_tracks_it(client) -> None:
+    media_id = create_media(client)
+    response = client.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC)
+    assert response.status_code == 202, response.text
+    location = response.headers["content-location"]
+    assert "/fhir/_async/" in location
+    job_id = location.rsplit("/", 1)[1]
+    task = client.get(f"/fhir/Task/{job_id}").json()
+    assert task["intent"] == "order" and task["status"] in ("requested", "in-progress", "completed")
+    assert task["focus"] == {"reference": f"Media/{media_id}"}
+
+    done = poll_until_done(client, location)
+    assert done.status_code == 200, done.text
+    report = by_type(done.json())["DiagnosticReport"][0]
+    task = client.get(f"/fhir/Task/{job_id}").json()
+    assert task["status"] == "completed"
+    assert task["output"][0]["valueReference"] == {"reference": f"DiagnosticReport/{report['id']}"}
+    assert task["code"]["coding"][0]["code"] == "analyze"
+    assert total(client, "Task?status=completed") == 1
+    history = client.get(f"/fhir/Task/{job_id}/_history").json()
+    assert history["total"] >= 3  # requested -> in-progress -> completed, each a version
+
+
+def test_async_failure_reports_the_error_and_fails_the_task(client) -> None:
+    media_id = create_media(client, content={"url": "https://not-allowed.example.com/x.png"})
+    response = client.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC)
+    assert response.status_code == 202
+    location = response.headers["content-location"]
+    done = poll_until_done(client, location)
+    assert done.status_code == 403
+    assert "allowlist" in outcome(done)["diagnostics"]
+    task = client.get(f"/fhir/Task/{location.rsplit('/', 1)[1]}").json()
+    assert task["status"] == "failed" and "allowlist" in task["statusReason"]["text"]
+
+
+def test_bad_request_is_refused_before_any_job_is_started(client) -> None:
+    response = client.post("/fhir/Media/$analyze", json={"resourceType": "Parameters", "parameter": []}, headers=ASYNC)
+    assert response.status_code == 400
+    assert total(client, "Task") == 0
+
+
+class BlockingAnalyzer:
+    """The tiny analyzer, held in analyze_bytes until released: lets a test see a running job."""
+
+    def __init__(self) -> None:
+        self.inner = tiny_analyzer()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    @property
+    def model_info(self):
+        return self.inner.model_info
+
+    def analyze_bytes(self, data, **kw):
+        self.started.set()
+        self.release.wait(30)
+        return self.inner.analyze_bytes(data, **kw)
+
+
+def test_running_job_reports_progress_and_delete_cancels_it(tmp_path) -> None:
+    analyzer = BlockingAnalyzer()
+    with make_client(tmp_path, analyzer=analyzer) as client:
+        media_id = create_media(client)
+        location = client.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC).headers["content-location"]
+        job_id = location.rsplit("/", 1)[1]
+        assert analyzer.started.wait(10)
+        running = client.get(location)
+        assert running.status_code == 202 and running.headers["x-progress"] == "analysing"
+        assert client.get(f"/fhir/Task/{job_id}").json()["status"] == "in-progress"
+
+        assert client.delete(location).status_code == 202
+        analyzer.release.set()
+        assert client.get(location).status_code == 404
+        task = client.get(f"/fhir/Task/{job_id}").json()
+        assert task["status"] == "cancelled"
+        assert total(client, "DiagnosticReport") == 0
+
+
+def test_unknown_job_is_404(client) -> None:
+    response = client.get("/fhir/_async/does-not-exist")
+    assert response.status_code == 404 and outcome(response)["code"] == "not-found"
+
+
+def test_restart_marks_interrupted_tasks_failed(tmp_path) -> None:
+    from fhir_server import jobs
+    from fhir_server.storage import Repository
+
+    repo = Repository.from_url(f"sqlite:///{tmp_path / 'r.sqlite3'}")
+    try:
+        base = {"resourceType": "Task", "intent": "order",
+                "code": {"coding": [{"system": jobs.TASK_CODE_SYSTEM, "code": "analyze"}]}}
+        for i, status in enumerate(("requested", "in-progress", "completed")):
+            repo.update("Task", f"t{i}", {**base, "id": f"t{i}", "status": status})
+        assert jobs.fail_interrupted_tasks(repo) == 2
+        assert [repo.read("Task", f"t{i}").resource["status"] for i in range(3)] == ["failed", "failed", "completed"]
+        assert "restarted" in repo.read("Task", "t1").resource["statusReason"]["text"]
+        assert jobs.fail_interrupted_tasks(repo) == 0
+    finally:
+        repo.dispose()
+
+
+def test_lifespan_hook_fails_stale_tasks_and_seeds_definitions(tmp_path) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from fhir_server import jobs
+    from fhir_server.fhir import operations
+    from fhir_server.storage import Repository
+
+    repo = Repository.from_url(f"sqlite:///{tmp_path / 'h.sqlite3'}")
+    try:
+        repo.update("Task", "stale", {"resourceType": "Task", "id": "stale", "status": "in-progress", "intent": "order",
+                                      "code": {"coding": [{"system": jobs.TASK_CODE_SYSTEM, "code": "analyze"}]}})
+        app = SimpleNamespace(state=SimpleNamespace(store=repo))
+
+        async def start_and_stop() -> None:
+            async with jobs.lifespan_hook(app):
+                assert isinstance(app.state.jobs, jobs.JobManager)
+
+        asyncio.run(start_and_stop())
+        assert repo.read("Task", "stale").resource["status"] == "failed"
+        for od_id, definition in operations.OPERATION_DEFINITIONS.items():
+            assert repo.read("OperationDefinition", od_id).resource["url"] == definition["url"]
+        asyncio.run(start_and_stop())  # seeding again writes no new version when nothing changed
+        assert repo.read("OperationDefinition", "Media-analyze").version_id == 1
+    finally:
+        repo.dispose()
+
+
+def test_no_model_loaded_is_503_before_any_job(tmp_path) -> None:
+    with make_client(tmp_path) as client:
+        client.app.state.analyzer = None  # as after a failed model load
+        client.app.state.model_error = "Model 'cxr:no-such-model' could not be loaded"
+        media_id = create_media(client)
+        response = client.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC)
+        assert response.status_code == 503 and "no-such-model" in outcome(response)["diagnostics"]
+        assert total(client, "Task") == 0
