@@ -50,6 +50,9 @@ def load_analyzer(settings: Settings) -> Analyzer:
         max_bytes=settings.max_upload_bytes,
         max_pixels=settings.max_pixels,
         heatmap_top_k=settings.heatmap_top_k,
+        engine=settings.engine,
+        engine_cache_dir=settings.onnx_cache_dir,
+        precision=settings.precision,
     )
 
 
@@ -85,7 +88,12 @@ def create_app(settings: Settings | None = None, *, analyzer: Analyzer | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = InferencePool(settings.inference_workers)
+        pool = InferencePool(
+            settings.inference_workers,
+            queue=settings.inference_queue,
+            batch_max_size=settings.batch_max_size,
+            batch_max_wait_ms=settings.batch_max_wait_ms,
+        )
         app.state.inference = pool
         app.state.model_error = None
         app.state.analyzer = analyzer

@@ -99,9 +99,45 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.http:
+        from fhir_server.bench_http import XRV_DENSENET, run_http_bench
+
+        settings = _settings(args)
+        models = args.models.split(",") if args.models else [settings.model, XRV_DENSENET]
+        extra_env = {"CXR_ENGINE": args.engine} if args.engine else {}
+        return run_http_bench(settings, models=models, iterations=args.iterations, seconds=args.seconds,
+                              data_dir=args.data, naive=not args.no_naive, extra_env=extra_env)
     from fhir_server.bench import run_bench
 
     return run_bench(_settings(args), iterations=args.iterations, data_dir=args.data)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from fhir_server.bench import DEFAULT_DATA
+    from ml.errors import CXRError
+    from ml.models.registry import load_model
+    from ml.quantize import quantize
+
+    settings = _settings(args)
+    data_dir = args.data or Path(os.environ.get("CXR_SHARED_DATA", DEFAULT_DATA))
+    try:
+        model = load_model(settings.model, weights_dir=settings.weights_dir)
+    except CXRError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    report = quantize(model, cache_dir=settings.onnx_cache_dir, data_dir=data_dir, calibration=args.calibration,
+                      validation_limit=args.validation_limit)
+    print(f"{report['model']} ({report['model_version']}): int8 {'ACCEPTED' if report['accepted'] else 'REJECTED'} "
+          f"- {report['reason']}; calibrated on {report['calibration_images']} training images")
+    print(f"   {'finding':<28} {'n':>5} {'pos':>5} {'AUROC fp32':>10} {'AUROC int8':>10} {'drop':>8} "
+          f"{'agree':>7} {'max|dp|':>8}")
+    for label, f in report["findings"].items():
+        if f["validated"]:
+            print(f"   {label:<28} {f['n']:>5} {f['positives']:>5} {f['auroc_fp32']:>10.4f} {f['auroc_int8']:>10.4f} "
+                  f"{f['drop']:>8.4f} {f['decision_agreement']:>7.3f} {f['max_abs_prob_diff']:>8.3f}")
+        else:
+            print(f"   {label:<28} {f['n']:>5} {f['positives']:>5} {'not validated (too few labels)':>30}")
+    return 0 if report["accepted"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights-dir", type=Path, dest="weights_dir")
     bench.add_argument("--iterations", type=int, default=20)
     bench.add_argument("--data", type=Path, help="shared data dir to take a real image from (default ../shared/data)")
+    bench.add_argument("--http", action="store_true",
+                       help="over HTTP: the real server per model, latency, throughput at 1/4/8 clients, health "
+                            "p99 under saturation, peak RSS, and the naive Flask baseline")
+    bench.add_argument("--models", help="--http: comma-separated registry names (default: CXR_MODEL and "
+                                        "xrv:densenet121-res224-all)")
+    bench.add_argument("--seconds", type=float, default=10.0, help="--http: duration of each throughput cell")
+    bench.add_argument("--engine", choices=["torch", "onnx"], help="--http: CXR_ENGINE for our server")
+    bench.add_argument("--no-naive", action="store_true", help="--http: skip the naive baseline")
     bench.set_defaults(func=cmd_bench)
+
+    quant = sub.add_parser("quantize", help="int8 ONNX model: calibrate, validate AUROC vs fp32, keep if harmless")
+    quant.add_argument("--model", help="registry name (default: CXR_MODEL)")
+    quant.add_argument("--weights-dir", type=Path, dest="weights_dir")
+    quant.add_argument("--data", type=Path, help="shared data dir (default ../shared/data or CXR_SHARED_DATA)")
+    quant.add_argument("--calibration", type=int, default=300, help="training images to calibrate on")
+    quant.add_argument("--validation-limit", type=int, default=600, help="held-out images per finding, at most")
+    quant.set_defaults(func=cmd_quantize)
 
     # TODO(remove this guard once ml/training/cli.py lands): train / evaluate live in ml.training.
     try:

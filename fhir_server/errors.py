@@ -116,7 +116,9 @@ async def _cxr_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CXRError)
     if exc.http_status >= 500:
         log.warning("%s: %s", exc.code, exc.message)
-    return error_response(request, exc.http_status, exc.code, exc.message)
+    retry_after = getattr(exc, "retry_after", None)  # inference.ServerBusy: when to try again
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return error_response(request, exc.http_status, exc.code, exc.message, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

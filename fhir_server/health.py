@@ -34,5 +34,7 @@ async def readyz(request: Request) -> JSONResponse:
         "software_version": info.software_version,
         "untrained": info.untrained,
         "ood_gate": analyzer.has_ood_gate,
+        "engine": getattr(analyzer, "engine", "torch"),
+        "precision": getattr(analyzer, "precision", "fp32"),
     }
     return JSONResponse(body)

@@ -1,17 +1,29 @@
-"""A bounded worker pool for CPU-bound inference, so the event loop stays free for other requests.
+"""A bounded worker pool for CPU-bound inference, with micro-batching and backpressure.
 
-`workers` threads run analyses (torch releases the GIL inside its kernels, so threads are enough);
-each gets cores // workers intra-op torch threads so the pool as a whole uses the machine without
-oversubscribing it. At most `workers + queue` jobs may be admitted at once; beyond that callers get
-a 503 `server_busy` immediately instead of piling up memory (each job holds a decoded image).
+Workers: `workers` threads run analyses (torch and ONNX Runtime release the GIL inside their
+kernels, so threads are enough); each gets cores // workers intra-op threads (torch, and the ONNX
+Runtime session that thread owns) so that workers x threads = cores: oversubscribed OpenMP threads
+collapse throughput on a small machine.
+
+Micro-batching (`analyze`): a request waits at most `batch_max_wait_ms` for others to join it, up
+to `batch_max_size`, and the group is one `Analyzer.analyze_many` call (one forward pass). When
+every worker is busy, requests keep joining the waiting batch until a worker frees up, so batches
+grow exactly when the machine is saturated and a lone request pays no more than the wait.
+
+Backpressure: at most `capacity` jobs (running + waiting) are admitted; beyond that callers get a
+503 `server_busy` with Retry-After immediately instead of piling up memory (each job holds an
+upload) or hanging. Only image analyses (and model loading) run here: health checks, metadata and
+FHIR reads run on the event loop / Starlette's own thread pool and never queue behind images.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
@@ -20,6 +32,7 @@ import torch
 from ml.errors import CXRError, ModelUnavailable
 
 if TYPE_CHECKING:
+    from ml.analysis import Analysis
     from ml.pipeline import Analyzer
 
 T = TypeVar("T")
@@ -28,6 +41,10 @@ T = TypeVar("T")
 class ServerBusy(CXRError):
     code = "server_busy"
     http_status = 503
+
+    def __init__(self, message: str, *, retry_after: int = 1, detail: str | None = None) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after = max(1, int(retry_after))
 
 
 def available_cores() -> int:
@@ -46,32 +63,144 @@ def torch_threads_per_worker(workers: int) -> int:
     return threads
 
 
+def resolve_workers(workers: int) -> int:
+    """0 = one worker per core (each single-threaded); otherwise as configured."""
+    return available_cores() if workers <= 0 else workers
+
+
+@dataclass
+class _Job:
+    data: bytes
+    heatmaps: bool
+    filename: str | None
+    future: asyncio.Future
+
+
 class InferencePool:
-    def __init__(self, workers: int, *, queue: int | None = None) -> None:
-        self.workers = max(1, workers)
+    def __init__(
+        self,
+        workers: int,
+        *,
+        queue: int | None = None,
+        batch_max_size: int = 1,
+        batch_max_wait_ms: float = 0.0,
+    ) -> None:
+        self.workers = max(1, resolve_workers(workers))
         self.threads = torch_threads_per_worker(self.workers)
         torch.set_num_threads(self.threads)
         self._executor = ThreadPoolExecutor(
             max_workers=self.workers, thread_name_prefix="cxr-infer", initializer=torch.set_num_threads,
             initargs=(self.threads,),
         )
-        self._capacity = self.workers + (queue if queue is not None else 4 * self.workers)
-        self._admitted = 0
+        self.batch_max_size = max(1, batch_max_size)
+        self.batch_max_wait_s = max(0.0, batch_max_wait_ms) / 1000.0
+        default_queue = max(4 * self.workers, 2 * self.workers * self.batch_max_size)
+        self._capacity = self.workers + (queue if queue is not None else default_queue)
+        self._admitted = 0  # only touched from the event loop thread: no lock needed
+        self._free_workers: asyncio.Semaphore | None = None  # created on the running loop
+        self._pending: dict[int, list[_Job]] = {}  # id(analyzer) -> jobs waiting for a batch
+        self._collectors: dict[int, asyncio.Task] = {}
+        self._seconds_per_job = 0.2  # running estimate for Retry-After
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    def _admit(self) -> None:
+        if self._admitted >= self._capacity:
+            # roughly when a slot frees up: the backlog divided by the pool's rate
+            wait = self._admitted * self._seconds_per_job / self.workers
+            raise ServerBusy(
+                f"The server is busy ({self._admitted} analyses running or queued); retry shortly.",
+                retry_after=math.ceil(min(60.0, max(1.0, wait))),
+            )
+        self._admitted += 1
+
+    def _workers_sem(self) -> asyncio.Semaphore:
+        if self._free_workers is None:
+            self._free_workers = asyncio.Semaphore(self.workers)
+        return self._free_workers
 
     async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run fn(*args, **kwargs) in a worker thread; 503 ServerBusy when the queue is full."""
-        if self._admitted >= self._capacity:
-            raise ServerBusy(
-                f"The server is busy ({self._admitted} analyses running or queued); retry shortly."
-            )
-        self._admitted += 1  # only touched from the event loop thread: no lock needed
+        self._admit()
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+            async with self._workers_sem():
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
         finally:
             self._admitted -= 1
 
+    async def analyze(
+        self, analyzer: Analyzer, data: bytes, *, heatmaps: bool = False, filename: str | None = None
+    ) -> Analysis:
+        """analyzer.analyze_bytes(...) through the micro-batcher; 503 ServerBusy when full."""
+        if not callable(getattr(analyzer, "analyze_many", None)):  # an analyzer-like object without batching
+            return await self.run(analyzer.analyze_bytes, data, heatmaps=heatmaps, filename=filename)
+        self._admit()
+        loop = asyncio.get_running_loop()
+        job = _Job(data, heatmaps, filename, loop.create_future())
+        # The slot is held until the analysis itself ends, even when the caller goes away first
+        # (a disconnected client must not let more work in than the pool can hold).
+        job.future.add_done_callback(self._release_slot)
+        key = id(analyzer)
+        self._pending.setdefault(key, []).append(job)
+        if key not in self._collectors:
+            self._collectors[key] = loop.create_task(self._collect(analyzer, key))
+        return await asyncio.shield(job.future)
+
+    def _release_slot(self, _future: asyncio.Future) -> None:
+        self._admitted -= 1
+
+    async def _collect(self, analyzer: Analyzer, key: int) -> None:
+        """Form batches for one analyzer while jobs are pending; each batch goes to a free worker."""
+        loop = asyncio.get_running_loop()
+        sem = self._workers_sem()
+        try:
+            while self._pending.get(key):
+                deadline = loop.time() + self.batch_max_wait_s
+                while len(self._pending[key]) < self.batch_max_size and loop.time() < deadline:
+                    await asyncio.sleep(min(0.001, max(0.0, deadline - loop.time())))
+                await sem.acquire()  # while all workers are busy, the batch keeps growing
+                jobs = self._pending[key][: self.batch_max_size]
+                del self._pending[key][: len(jobs)]
+                loop.create_task(self._run_batch(analyzer, jobs, sem))
+        finally:
+            self._collectors.pop(key, None)
+            if not self._pending.get(key):
+                self._pending.pop(key, None)
+
+    async def _run_batch(self, analyzer: Analyzer, jobs: list[_Job], sem: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            requests = [(j.data, j.heatmaps, j.filename) for j in jobs]
+            results = await loop.run_in_executor(self._executor, analyzer.analyze_many, requests)
+        except BaseException as exc:  # noqa: BLE001 - the whole batch failed: every caller hears it
+            results = [exc] * len(jobs)
+        finally:
+            sem.release()
+        elapsed = (loop.time() - start) / max(1, len(jobs))
+        self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
+        for job, result in zip(jobs, results, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
     def shutdown(self) -> None:
+        for task in self._collectors.values():
+            task.cancel()
+        for jobs in self._pending.values():
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(ModelUnavailable("The server is shutting down."))
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 

@@ -177,5 +177,5 @@ async def predict(
     state = request.app.state
     analyzer = require_analyzer(state)  # 503 before reading a possibly large body
     data, filename = await read_upload(request, field=FIELD, max_bytes=state.settings.max_upload_bytes)
-    analysis = await state.inference.run(analyzer.analyze_bytes, data, heatmaps=heatmaps, filename=filename)
+    analysis = await state.inference.analyze(analyzer, data, heatmaps=heatmaps, filename=filename)
     return legacy_response(analysis, heatmaps=heatmaps)

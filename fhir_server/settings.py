@@ -28,7 +28,30 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     base_url: str | None = Field(None, description="Public FHIR base URL; derived from the request when unset")
-    inference_workers: int = Field(1, ge=1, description="Concurrent inference jobs")
+    inference_workers: int = Field(
+        1, ge=0, description="Concurrent inference workers (0 = one per core); each gets cores // workers threads"
+    )
+    inference_queue: int | None = Field(
+        None, ge=0, description="Analyses that may wait beyond the running ones before 503 + Retry-After "
+        "(default: max(4 x workers, 2 x workers x batch size))"
+    )
+    batch_max_size: int = Field(8, ge=1, le=64, description="Most requests sharing one forward pass")
+    batch_max_wait_ms: float = Field(
+        5.0, ge=0.0, le=1000.0, description="Longest a request waits for others to share its forward pass"
+    )
+    engine: str = Field(
+        "onnx", pattern="^(torch|onnx)$",
+        description="Inference engine: onnx (ONNX Runtime, exported once and checked against torch; falls back "
+        "to torch when the check fails) or torch",
+    )
+    precision: str = Field(
+        "fp32", pattern="^(fp32|int8)$",
+        description="int8: the ONNX model quantized and validated by `cxr quantize` (AUROC drop <= 0.005); "
+        "fp32 is served when no accepted int8 model exists",
+    )
+    engine_cache_dir: Path | None = Field(
+        None, description="Where exported ONNX models are cached (default: <data_dir>/onnx-cache)"
+    )
 
     # Storage
     data_dir: Path = Field(Path("~/.cxr/data").expanduser(), description="SQLite file and job data live here")
@@ -47,6 +70,10 @@ class Settings(BaseSettings):
     oauth_token_url: str | None = Field(
         None, description="Token endpoint of the authorization server issuing the bearer tokens (published in /fhir/metadata and /.well-known/smart-configuration)"
     )
+
+    @property
+    def onnx_cache_dir(self) -> Path:
+        return self.engine_cache_dir or self.data_dir / "onnx-cache"
 
     @property
     def sqlalchemy_url(self) -> str:

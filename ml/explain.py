@@ -73,14 +73,19 @@ class CamCapture:
         self._handle.remove()
 
 
-def grad_cam(score: torch.Tensor, activation: torch.Tensor, size: int, *, retain_graph: bool) -> np.ndarray | None:
-    """Grad-CAM of a scalar `score` w.r.t. `activation` (1, C, h, w), upsampled to (size, size), 0..1.
+def grad_cam(
+    score: torch.Tensor, activation: torch.Tensor, size: int, *, retain_graph: bool, row: int = 0
+) -> np.ndarray | None:
+    """Grad-CAM of a scalar `score` w.r.t. row `row` of `activation` (N, C, h, w), upsampled to
+    (size, size), 0..1. In a batch, `score` depends on its own row only (eval-mode layers do not mix
+    samples), so the other rows' gradients are zero and are dropped.
 
     Returns None when the map is empty (vanishing gradient or no positive evidence).
     """
     if not score.requires_grad:
         return None
     (grad,) = torch.autograd.grad(score, activation, retain_graph=retain_graph)
+    grad, activation = grad[row : row + 1], activation[row : row + 1]
     with torch.no_grad():
         weights = grad.mean(dim=(2, 3), keepdim=True)  # alpha_k: pooled gradients
         cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))

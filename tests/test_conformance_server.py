@@ -4,7 +4,9 @@ The session (in-process, TestClient; the tiny hand-wired test model, fresh SQLit
 Patient CRUD and history, Media with an inline generated chest-like PNG, $analyze at instance and
 type level (and a re-analysis), DiagnosticReport search with _include/_revinclude, Observation
 reads and searches, Device, Provenance, Binary, async $analyze with its Task, OperationDefinitions,
-a transaction Bundle, ImagingStudy/Endpoint with $analyze over (mocked) DICOMweb, and the error paths (404, 410, 400, 422...).
+a transaction Bundle, ImagingStudy/Endpoint with $analyze over (mocked) DICOMweb, the error paths
+(404, 410, 400, 406, 412, 415, 422...), on a second app with authentication on 401 and 403, and on
+a third whose out-of-distribution gate refuses every image the 422 refusal.
 
 Every JSON resource returned (Bundles, and each entry on its own) then goes through the three Node
 validators (one node process) and the Python validators. Step expectations and validation are
@@ -297,6 +299,36 @@ def _imaging_study_session(s: Session, pid: str) -> None:
     s.call("DiagnosticReport for the study", "GET", f"/fhir/DiagnosticReport?patient=Patient/{pid}&_include=DiagnosticReport:result&_revinclude=Provenance:target", 200)
 
 
+def run_auth_session(client: Any) -> Session:
+    """With authentication on: metadata stays open, a missing/unknown token is a 401 with
+    WWW-Authenticate, a token without the scope a 403, each an OperationOutcome."""
+    s = Session(client)
+    s.call("metadata (open, auth on)", "GET", "/fhir/metadata", 200)
+    missing = s.call("no token", "GET", "/fhir/Patient", 401)
+    s.check("WWW-Authenticate", missing.headers.get("www-authenticate", "").startswith("Bearer"),
+            f"WWW-Authenticate {missing.headers.get('www-authenticate')!r}")
+    s.call("unknown token", "GET", "/fhir/Patient", 401, headers={"Authorization": "Bearer nope"})
+    s.call("read-only token searches", "GET", "/fhir/Patient", 200, headers={"Authorization": "Bearer reader"})
+    s.call("read-only token creates", "POST", "/fhir/Patient", 403, json={"resourceType": "Patient"},
+           headers={"Authorization": "Bearer reader"})
+    s.call("read-only token runs $analyze", "POST", "/fhir/Media/$analyze", 403,
+           json={"resourceType": "Parameters", "parameter": []}, headers={"Authorization": "Bearer reader"})
+    return s
+
+
+def run_refusal_session(client: Any) -> Session:
+    """An out-of-distribution gate that refuses the image: 422 OperationOutcome, nothing stored."""
+    s = Session(client)
+    pid = _json(s.call("create Patient (gate)", "POST", "/fhir/Patient", 201, json={"resourceType": "Patient"})).get("id")
+    refused = _json(s.call("$analyze refused by the OOD gate", "POST", "/fhir/Media/$analyze", 422,
+                           json={"resourceType": "Parameters", "parameter": [
+                               {"name": "media", "resource": _media(str(pid), chest_like_png())}]}))
+    s.check("refusal says why", "frontal chest" in json.dumps(refused), f"outcome {refused}")
+    count = _json(s.call("no report after a refusal", "GET", "/fhir/DiagnosticReport?_summary=count", 200))
+    s.check("nothing stored after a refusal", count.get("total") == 0, f"total {count.get('total')!r}")
+    return s
+
+
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
     from fastapi.testclient import TestClient
@@ -306,12 +338,31 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
 
     app = make_test_app(tmp_path_factory.mktemp("cxr-conformance"), analyzer=analyzer, fetch_allowed_hosts=[HOST])
     app.state.fetch_policy_overrides = {"resolver": fake_resolve}  # the mocked PACS host never hits DNS
+    secured = make_test_app(tmp_path_factory.mktemp("cxr-conformance-auth"), analyzer=analyzer, auth_enabled=True,
+                            auth_tokens={"reader": "system/*.rs"})
+    refusing_analyzer = _refusing_analyzer()
+    refusing = make_test_app(tmp_path_factory.mktemp("cxr-conformance-ood"), analyzer=refusing_analyzer)
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
-            yield run_session(client)
+            result = run_session(client)
+        with TestClient(secured, raise_server_exceptions=False) as client:
+            auth = run_auth_session(client)
+        with TestClient(refusing, raise_server_exceptions=False) as client:
+            refusal = run_refusal_session(client)
+        for extra in (auth, refusal):
+            result.steps += extra.steps
+            result.returned += extra.returned
+        yield result
     finally:
-        if analyzer is not None:
-            analyzer.close()
+        for owned in (analyzer, refusing_analyzer):
+            if owned is not None:
+                owned.close()
+
+
+def _refusing_analyzer() -> Any:
+    from model_fixtures import RefusingGate, tiny_analyzer
+
+    return tiny_analyzer(ood_gate=RefusingGate())
 
 
 @pytest.fixture(scope="module")

@@ -313,3 +313,23 @@ def test_inference_pool_refuses_when_full():
 def test_head_on_health_endpoints(client):
     assert client.head("/healthz").status_code == 200
     assert client.head("/readyz").status_code == 200
+
+
+def test_bundled_model_end_to_end_refuses_the_cat(tmp_path, shared_data):
+    """The default model with its OOD gate, through the API, on real files (skips without weights)."""
+    cat = shared_data / "dicom" / "feline_dx_chest_ap_deid_data.dcm"
+    chest = shared_data / "dicom" / "siim_cr_pa_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+    if not (cat.exists() and chest.exists()):
+        pytest.skip("real DICOM samples not present")
+    settings = _settings(tmp_path, model="cxr:pneumonia-v1", ood_gate=True, max_upload_bytes=64 * 1024 * 1024)
+    with TestClient(create_app(settings)) as c:
+        if c.get("/readyz").status_code != 200:
+            pytest.skip("bundled model weights not installed")
+        body = _assert_error(_post(c, cat.read_bytes(), "cat.dcm"), 422, "not_chest_xray")
+        assert body["error"]["message"][0].isupper()
+        r = _post(c, chest.read_bytes(), "chest.dcm", query="?heatmaps=true")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["metadata"]["model"] == "cxr:pneumonia-v1" and body["metadata"]["untrained"] is False
+        assert body["metadata"]["ood"]["passed"] is True
+        assert "pneumonia" in {d["condition"] for d in body["prediction"]["diagnoses"]}

@@ -43,10 +43,10 @@ def build_router() -> APIRouter:
     # POST [base]: the path is the prefix itself, which include_router cannot express
     router.add_api_route("", bundles.transaction_or_batch, methods=["POST"], summary="transaction / batch")
     router.add_api_route("/", bundles.transaction_or_batch, methods=["POST"], include_in_schema=False)
+    router.include_router(history.router)  # before operations: GET /OperationDefinition/_history is history-type
     operations = _operations_router()
     if operations is not None:
         router.include_router(operations)
-    router.include_router(history.router)
     router.include_router(search.router)
     router.include_router(crud.router)
     return router

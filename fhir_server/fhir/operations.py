@@ -62,6 +62,12 @@ def _err(status_code: int, code: str, diagnostics: str, expression: str | None =
     return FhirError(status_code, diagnostics, code=code, expression=[expression] if expression else None)
 
 
+def retry_headers(exc: BaseException) -> dict[str, str] | None:
+    """Retry-After for a full inference queue (503 server_busy), so clients back off instead of hammering."""
+    retry_after = getattr(exc, "retry_after", None)
+    return {"Retry-After": str(retry_after)} if retry_after else None
+
+
 def error_outcome(exc: BaseException) -> tuple[int, Json] | None:
     """(status, OperationOutcome) for every error the operation expects; None for bugs."""
     if isinstance(exc, FhirError):
@@ -225,7 +231,7 @@ async def run_analysis(
             own_base=req.base,
         )
         note("analysing")
-        analysis = await app.state.inference.run(analyzer.analyze_bytes, data, heatmaps=req.heatmaps)
+        analysis = await app.state.inference.analyze(analyzer, data, heatmaps=req.heatmaps)
         images.append(fr.ImageResult(analysis))
     else:
         note("retrieving study")
@@ -236,7 +242,7 @@ async def run_analysis(
         for i, img in enumerate(study.images, 1):
             note(f"analysing image {i}/{len(study.images)}")
             try:
-                analysis = await app.state.inference.run(analyzer.analyze_bytes, img.data, heatmaps=req.heatmaps)
+                analysis = await app.state.inference.analyze(analyzer, img.data, heatmaps=req.heatmaps)
             except InputError as exc:  # one unusable image must not sink the other views
                 first_error = first_error or exc
                 notes.append(f"Image {img.ref.sop_uid} was not analysed: {exc.message}")
@@ -342,7 +348,7 @@ async def _analyze(request: Request, resource_type: str, resource_id: str | None
         mapped = error_outcome(exc)
         if mapped is None:
             raise
-        return fhir_json_response(request, mapped[1], status_code=mapped[0])
+        return fhir_json_response(request, mapped[1], status_code=mapped[0], headers=retry_headers(exc))
 
 
 @router.post("/Media/$analyze", summary="Analyse an inline Media (Parameters.media)")
@@ -467,7 +473,7 @@ async def read_operation_definition(definition_id: str, request: Request) -> Res
         mapped = error_outcome(exc)
         if mapped is None:
             raise
-        return fhir_json_response(request, mapped[1], status_code=mapped[0])
+        return fhir_json_response(request, mapped[1], status_code=mapped[0], headers=retry_headers(exc))
 
 
 def _read_or_none(repo: Repository, rtype: str, rid: str) -> StoredResource | None:

@@ -55,7 +55,7 @@ def _role_index(records: list[Record], role: str, datasets: tuple[str, ...] | No
 
 
 def augment(x01: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Light, label-preserving jitter: small affine, brightness/contrast/gamma. Input (N,1,S,S) in [0,1]."""
+    """Light, label-preserving jitter: small affine + aspect, brightness/contrast/gamma. Input (N,1,S,S) in [0,1]."""
     n = x01.shape[0]
 
     def u(lo: float, hi: float) -> torch.Tensor:
@@ -65,7 +65,14 @@ def augment(x01: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     scale = u(0.92, 1.08)
     tx, ty = u(-0.05, 0.05), u(-0.05, 0.05)
     cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    # Aspect jitter: the Kermany training JPEGs were squashed to 224x224, while the server centre-
+    # crops the original (often 1.2-1.4:1 landscape) film. Zooming one axis by 1/a reproduces that
+    # crop on half the batch, so training sees both framings.
+    aspect = 1.0 / u(1.0, 1.4)
+    which = torch.rand(n, generator=gen)
+    sx = torch.where(which < 0.35, aspect, torch.ones(n))
+    sy = torch.where((which >= 0.35) & (which < 0.5), aspect, torch.ones(n))
+    theta = torch.stack([torch.stack([sx * cos, -sx * sin, tx], 1), torch.stack([sy * sin, sy * cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x01.shape), align_corners=False)
     x = F.grid_sample(x01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     contrast = u(0.85, 1.15).view(n, 1, 1, 1)

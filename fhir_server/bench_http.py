@@ -1,0 +1,301 @@
+"""`cxr bench --http`: the real server over real HTTP, against a naive Flask baseline.
+
+For each model: start `cxr serve` (uvicorn) in a child process on 127.0.0.1 and a free port, then
+- single-client p50/p95 of POST /api/v1/predict for a small PNG, a 1024 px PNG and a 2500x2000
+  16-bit DICOM, without and with one heatmap;
+- throughput (analyses/s) at 1, 4 and 8 concurrent clients posting the 1024 px PNG;
+- p99 of GET /healthz and of a FHIR read (GET /fhir/Patient/{id}) while 8 clients saturate it;
+- the child's peak RSS (VmHWM), and every 5xx counted (503 server_busy included).
+Then the naive baseline (fhir_server/bench_naive.py: Flask + TorchXRayVision DenseNet-121) is run
+the same way, never at the same time as ours, and our throughput / its throughput is printed.
+
+Every phase is bounded by a request count and a time limit, so a run takes a few minutes at most.
+TorchXRayVision weights that are not installed are replaced by a random-weight fixture saved under
+the exact file name torchxrayvision expects (timings do not depend on the weights' values).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+XRV_DENSENET = "xrv:densenet121-res224-all"
+CLIENTS = (1, 4, 8)
+
+
+@dataclass
+class ModelResult:
+    label: str
+    latency: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # (input, hm) -> p50, p95
+    throughput: dict[int, float] = field(default_factory=dict)
+    errors_5xx: int = 0
+    health_p99: float | None = None
+    fhir_read_p99: float | None = None
+    peak_rss_mb: float | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def xrv_weights_dir(weights_dir: Path, scratch: Path) -> tuple[Path, bool]:
+    """(a folder holding DenseNet-121 'all' weights, whether it is the random-weight fixture)."""
+    from ml.models.xrv import weights_file
+
+    filename, _ = weights_file(XRV_DENSENET)
+    if (Path(weights_dir).expanduser() / filename).is_file():
+        return Path(weights_dir).expanduser(), False
+    import torch
+    import torchxrayvision as xrv
+
+    torch.manual_seed(0)
+    net = xrv.models.DenseNet(weights=None).eval()
+    with torch.no_grad():  # keep random outputs off 0/1 saturation, so heatmaps exist
+        net.classifier.weight.mul_(0.002)
+    folder = scratch / "xrv-weights"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(net, folder / filename)
+    return folder, True
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], env: dict[str, str], port: int, ready_path: str, log: Path) -> Iterator[subprocess.Popen]:
+    import httpx
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not ready after 300 s; see {log}")
+                time.sleep(0.3)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _post(client, url: str, filename: str, data: bytes) -> int:
+    return client.post(url, files={"image": (filename, data, "application/octet-stream")}).status_code
+
+
+def _latency(url: str, filename: str, data: bytes, n: int, limit_s: float) -> tuple[float, float, int]:
+    import httpx
+
+    samples: list[float] = []
+    errors = 0
+    with httpx.Client(timeout=120) as client:
+        for _ in range(2):
+            _post(client, url, filename, data)  # warm-up
+        stop = time.monotonic() + limit_s
+        while len(samples) < n and time.monotonic() < stop:
+            start = time.perf_counter()
+            status = _post(client, url, filename, data)
+            samples.append((time.perf_counter() - start) * 1000.0)
+            errors += status >= 500
+    return float(np.percentile(samples, 50)), float(np.percentile(samples, 95)), errors
+
+
+def _throughput(url: str, filename: str, data: bytes, clients: int, seconds: float,
+                probes: list[tuple[str, list[float]]] | None = None) -> tuple[float, int]:
+    """Analyses per second with `clients` concurrent loops for `seconds`; (rate, 5xx count)."""
+    import httpx
+
+    done = [0] * clients
+    errors = [0] * clients
+    start_at = time.monotonic() + 0.5  # every client starts together
+    stop_at = start_at + seconds
+
+    def loop(i: int) -> None:
+        with httpx.Client(timeout=120) as client:
+            while time.monotonic() < start_at:
+                time.sleep(0.005)
+            while time.monotonic() < stop_at:
+                status = _post(client, url, filename, data)
+                if status == 200:
+                    done[i] += 1
+                elif status >= 500:
+                    errors[i] += 1
+
+    def probe(probe_url: str, out: list[float]) -> None:
+        with httpx.Client(timeout=30) as client:
+            while time.monotonic() < start_at + 1.0:  # let the pool fill up first
+                time.sleep(0.01)
+            while time.monotonic() < stop_at:
+                t0 = time.perf_counter()
+                client.get(probe_url)
+                out.append((time.perf_counter() - t0) * 1000.0)
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    threads += [threading.Thread(target=probe, args=p) for p in probes or []]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start_at  # includes the requests still running at stop time
+    return sum(done) / elapsed, sum(errors)
+
+
+def _fhir_patient(root: str) -> str:
+    import httpx
+
+    r = httpx.post(f"{root}/fhir/Patient", json={"resourceType": "Patient", "name": [{"family": "Bench"}]},
+                   headers={"Content-Type": "application/fhir+json"}, timeout=30)
+    r.raise_for_status()
+    return f"{root}/fhir/Patient/{r.json()['id']}"
+
+
+def bench_ours(model: str, weights_dir: Path, scratch: Path, inputs, *, iterations: int, seconds: float,
+               extra_env: dict[str, str]) -> ModelResult:
+    port = _free_port()
+    # "with one heatmap" means one: the server's top-k is set to 1 for the bench
+    env = {**os.environ, "CXR_DATA_DIR": str(scratch / f"data-{port}"), "CXR_AUTH_ENABLED": "false",
+           "CXR_HEATMAP_TOP_K": "1", **extra_env}
+    cmd = [sys.executable, "-m", "fhir_server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--model", model, "--weights-dir", str(weights_dir), "--log-level", "warning"]
+    result = ModelResult(label=model)
+    root = f"http://127.0.0.1:{port}"
+    url = f"{root}/api/v1/predict"
+    with _server(cmd, env, port, "/readyz", scratch / f"ours-{port}.log") as proc:
+        for name, filename, data in inputs:
+            for hm_label, query in (("no heatmap", ""), ("1 heatmap", "?heatmaps=true")):
+                p50, p95, err = _latency(url + query, filename, data, iterations, limit_s=60)
+                result.latency[(name, hm_label)] = (p50, p95)
+                result.errors_5xx += err
+        _, filename, data = inputs[1]
+        patient = _fhir_patient(root)
+        for clients in CLIENTS:
+            health: list[float] = []
+            reads: list[float] = []
+            probes = [(f"{root}/healthz", health), (patient, reads)] if clients == max(CLIENTS) else None
+            rate, err = _throughput(url, filename, data, clients, seconds, probes)
+            result.throughput[clients] = rate
+            result.errors_5xx += err
+            if probes:
+                result.health_p99 = float(np.percentile(health, 99)) if health else None
+                result.fhir_read_p99 = float(np.percentile(reads, 99)) if reads else None
+        result.peak_rss_mb = _peak_rss_mb(proc.pid)
+    return result
+
+
+def bench_naive(weights_dir: Path, scratch: Path, inputs, *, iterations: int, seconds: float) -> ModelResult:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "fhir_server.bench_naive", "--port", str(port), "--weights-dir", str(weights_dir)]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    result = ModelResult(label="naive Flask + xrv DenseNet-121")
+    url = f"http://127.0.0.1:{port}/predict"
+    with _server(cmd, env, port, "/healthz", scratch / f"naive-{port}.log") as proc:
+        for name, filename, data in inputs:
+            if filename.endswith(".dcm"):
+                continue  # PIL cannot read DICOM: the naive server has no DICOM support
+            p50, p95, err = _latency(url, filename, data, iterations, limit_s=60)
+            result.latency[(name, "no heatmap")] = (p50, p95)
+            result.errors_5xx += err
+        _, filename, data = inputs[1]
+        for clients in CLIENTS:
+            health: list[float] = []
+            probes = [(f"http://127.0.0.1:{port}/healthz", health)] if clients == max(CLIENTS) else None
+            rate, err = _throughput(url, filename, data, clients, seconds, probes)
+            result.throughput[clients] = rate
+            result.errors_5xx += err
+            if probes and health:
+                result.health_p99 = float(np.percentile(health, 99))
+        result.peak_rss_mb = _peak_rss_mb(proc.pid)
+    return result
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_results(results: list[ModelResult], naive: ModelResult | None) -> None:
+    everything = results + ([naive] if naive else [])
+    for r in everything:
+        print(f"\n== {r.label}")
+        print(f"   {'input':<24} {'heatmaps':<11} {'p50 ms':>8} {'p95 ms':>8}")
+        for (name, hm), (p50, p95) in r.latency.items():
+            print(f"   {name:<24} {hm:<11} {p50:8.1f} {p95:8.1f}")
+        rates = "  ".join(f"{c} clients {r.throughput.get(c, 0):.2f}/s" for c in CLIENTS)
+        print(f"   throughput (1024 px PNG, no heatmap): {rates}")
+        print(f"   under 8-client saturation: /healthz p99 {_fmt(r.health_p99)} ms; FHIR read p99 "
+              f"{_fmt(r.fhir_read_p99)} ms; 5xx responses {r.errors_5xx}; peak RSS {_fmt(r.peak_rss_mb, '.0f')} MB")
+    if naive:
+        print("\n== ours / naive throughput (same 1024 px PNG)")
+        for r in results:
+            ratios = "  ".join(
+                f"{c} clients x{r.throughput[c] / naive.throughput[c]:.2f}" if naive.throughput.get(c) else f"{c} clients -"
+                for c in CLIENTS
+            )
+            print(f"   {r.label:<32} {ratios}")
+
+
+def run_http_bench(settings, *, models: list[str], iterations: int, seconds: float, data_dir: Path | None,
+                   naive: bool = True, extra_env: dict[str, str] | None = None) -> int:
+    import logging
+
+    from fhir_server.bench import bench_inputs
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    inputs, source = bench_inputs(data_dir)
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        scratch = Path(tmp)
+        xrv_dir, fixture = xrv_weights_dir(settings.weights_dir, scratch)
+        print(f"cxr bench --http: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; image source {source}; "
+              f"{iterations} requests per latency cell; {seconds:.0f} s per throughput cell; engine "
+              f"{(extra_env or {}).get('CXR_ENGINE', settings.engine)}"
+              f"{'; xrv weights: RANDOM-WEIGHT FIXTURE (timings only)' if fixture else ''}")
+        results: list[ModelResult] = []
+        naive_result: ModelResult | None = None
+        order: list[str] = []
+        for model in models:  # ours and the naive server alternate, one at a time
+            order.append(model)
+            if naive and naive_result is None and len(order) == 1 and len(models) > 1:
+                order.append("naive")
+        if naive and "naive" not in order:
+            order.append("naive")
+        for item in order:
+            if item == "naive":
+                print("   running: naive baseline", flush=True)
+                naive_result = bench_naive(xrv_dir, scratch, inputs, iterations=iterations, seconds=seconds)
+            else:
+                print(f"   running: {item}", flush=True)
+                wdir = xrv_dir if item.startswith("xrv:") else Path(settings.weights_dir)
+                results.append(bench_ours(item, wdir, scratch, inputs, iterations=iterations, seconds=seconds,
+                                          extra_env=extra_env or {}))
+        print_results(results, naive_result)
+        bad = sum(r.errors_5xx for r in results)
+    return 1 if bad else 0

@@ -1,0 +1,182 @@
+"""ONNX Runtime engine: export + cache, equivalence with torch, numpy CAM == Grad-CAM, fallbacks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ml import engine as eng
+from ml.explain import CamCapture, grad_cam
+from ml.models.untrained import load_untrained
+from ml.pipeline import Analyzer
+from model_fixtures import png_bytes, quadrant_pixels, tiny_model
+
+ALL = "xrv:densenet121-res224-all"
+ALL_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+
+
+@pytest.fixture(scope="module")
+def xrv_model(tmp_path_factory):
+    """xrv DenseNet-121 with random weights, saved under the file name torchxrayvision expects."""
+    import torchxrayvision as xrv
+
+    from ml.models.registry import load_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("xrv-weights")
+    net = xrv.models.DenseNet(weights=None).eval()
+    with torch.no_grad():  # random features are large: a small head keeps outputs off 0/1 saturation
+        net.classifier.weight.mul_(0.002)
+    torch.save(net, folder / ALL_FILE)
+    return load_model(ALL, weights_dir=folder)
+
+
+@pytest.fixture(scope="module")
+def bundled_model():
+    from ml.errors import ModelUnavailable
+    from ml.models.bundled import load_bundled
+
+    try:
+        return load_bundled()
+    except ModelUnavailable as exc:
+        pytest.skip(f"bundled weights not installed: {exc.message}")
+
+
+def _analyzer(model, engine: str, cache: Path, **kw) -> Analyzer:
+    return Analyzer(model, ood_gate=None, max_bytes=10**9, max_pixels=10**9, engine=engine, engine_cache_dir=cache, **kw)
+
+
+def _torch_grad_cams(model, batch: np.ndarray) -> list[list[np.ndarray | None]]:
+    """Grad-CAM of every label of every image, with the torch autograd path the pipeline uses."""
+    capture = CamCapture(model.cam_layer)
+    try:
+        with capture.capture():
+            probs = model.network(torch.from_numpy(batch))
+            act = capture.activation()
+        return [
+            [grad_cam(probs[r, c], act, model.input_size, retain_graph=True, row=r) for c in range(probs.shape[1])]
+            for r in range(batch.shape[0])
+        ]
+    finally:
+        capture.release()
+        capture.close()
+
+
+def _correlations(model, cache: Path, batch: np.ndarray) -> list[float]:
+    analyzer = _analyzer(model, "onnx", cache)
+    assert analyzer.engine == "onnx" and analyzer.numpy_cam
+    head = eng.linear_cam_head(model)
+    probs, feats = analyzer._engine.forward(batch)
+    torch_maps = _torch_grad_cams(model, batch)
+    out = []
+    for r in range(batch.shape[0]):
+        for c in range(probs.shape[1]):
+            mine = head.cam(feats[r], c, model.input_size, float(probs[r, c]))
+            ref = torch_maps[r][c]
+            assert (mine is None) == (ref is None), (r, c)
+            if mine is not None and ref.std() > 0:
+                out.append(float(np.corrcoef(mine.ravel(), ref.ravel())[0, 1]))
+    analyzer.close()
+    return out
+
+
+def test_untrained_model_onnx_matches_torch_and_is_cached(tmp_path, caplog):
+    model = load_untrained()
+    batch = eng.check_images(model.input_size, 3)
+    with caplog.at_level(logging.INFO, logger="ml.engine"):
+        first = eng.build_engine(model, "onnx", cache_dir=tmp_path)
+    assert isinstance(first, eng.OnnxEngine)
+    files = list(tmp_path.glob("*.onnx"))
+    assert len(files) == 1 and eng.weights_digest(model)[:32] in files[0].name
+    probs, feats = first.forward(batch)
+    assert np.abs(probs - eng.torch_forward(model, batch)).max() <= eng.EQUIVALENCE_TOL
+    assert feats.shape[:2] == (3, model.network.head.in_features)
+    # second load: no new export, the cached file is used
+    stamp = files[0].stat().st_mtime_ns
+    eng.build_engine(model, "onnx", cache_dir=tmp_path)
+    assert [f.stat().st_mtime_ns for f in tmp_path.glob("*.onnx")] == [stamp]
+
+
+def test_changed_weights_get_a_new_cache_entry(tmp_path):
+    model = load_untrained()
+    eng.build_engine(model, "onnx", cache_dir=tmp_path)
+    with torch.no_grad():
+        model.network.head.bias.add_(0.5)
+    eng.build_engine(model, "onnx", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.onnx"))) == 2
+
+
+def test_failed_equivalence_falls_back_to_torch_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(eng, "EQUIVALENCE_TOL", -1.0)  # nothing can pass
+    with caplog.at_level(logging.WARNING, logger="ml.engine"):
+        analyzer = _analyzer(load_untrained(), "onnx", tmp_path)
+    assert analyzer.engine == "torch" and not analyzer.numpy_cam
+    assert any("serving with torch" in r.message for r in caplog.records)
+    assert analyzer.analyze_bytes(png_bytes(quadrant_pixels(96, 96))).findings
+
+
+def test_export_failure_falls_back_to_torch(tmp_path, monkeypatch, caplog):
+    def broken(model, path):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(eng, "export_onnx", broken)
+    with caplog.at_level(logging.WARNING, logger="ml.engine"):
+        analyzer = _analyzer(load_untrained(), "onnx", tmp_path / "cache")
+    assert analyzer.engine == "torch"
+    assert any("exporter exploded" in r.message for r in caplog.records)
+
+
+def test_unknown_head_keeps_torch_grad_cam_for_heatmaps(tmp_path):
+    """The tiny test model is exported, but its head is not one linear_cam_head knows: torch maps."""
+    model = tiny_model()
+    assert eng.linear_cam_head(model) is None
+    onnx = _analyzer(model, "onnx", tmp_path)
+    ref = _analyzer(tiny_model(), "torch", tmp_path)
+    assert onnx.engine == "onnx" and not onnx.numpy_cam
+    data = png_bytes(quadrant_pixels(128, 128, quadrant="top_left"))
+    a, b = onnx.analyze_bytes(data, heatmaps=True), ref.analyze_bytes(data, heatmaps=True)
+    assert [(f.label, f.regions, f.heatmap_png is not None) for f in a.findings] == [
+        (f.label, f.regions, f.heatmap_png is not None) for f in b.findings
+    ]
+    assert any(f.regions for f in a.findings)
+
+
+def test_untrained_numpy_cam_equals_grad_cam(tmp_path):
+    model = load_untrained()
+    corr = _correlations(model, tmp_path, eng.check_images(model.input_size, 4))
+    assert corr and min(corr) >= 0.99, corr
+
+
+def test_xrv_densenet_onnx_equivalence_and_cam(tmp_path, xrv_model, shared_data):
+    """Random-weight DenseNet-121 on real radiographs: probabilities and CAM (ReLU-before-pool head)."""
+    batch = eng.check_images(xrv_model.input_size, 2)
+    engine = eng.build_engine(xrv_model, "onnx", cache_dir=tmp_path)
+    assert isinstance(engine, eng.OnnxEngine)
+    assert np.abs(engine.forward(batch)[0] - eng.torch_forward(xrv_model, batch)).max() <= eng.EQUIVALENCE_TOL
+    assert eng.linear_cam_head(xrv_model).relu_before_pool
+    corr = _correlations(xrv_model, tmp_path, batch)
+    assert corr and min(corr) >= 0.99, corr
+
+
+def test_bundled_model_onnx_matches_torch_on_real_films(tmp_path, bundled_model, shared_data):
+    batch = eng.check_images(bundled_model.input_size, 8)
+    corr = _correlations(bundled_model, tmp_path, batch)
+    assert corr and min(corr) >= 0.99, corr
+    onnx = _analyzer(bundled_model, "onnx", tmp_path)
+    torch_an = _analyzer(bundled_model, "torch", tmp_path)
+    folder = shared_data / "nih_cxr14_fullres" / "images"
+    files = sorted(folder.glob("*.png"))[:4]
+    if not files:
+        pytest.skip("no real films")
+    for file in files:
+        data = file.read_bytes()
+        a = onnx.analyze_bytes(data, heatmaps=True, filename=file.name)
+        b = torch_an.analyze_bytes(data, heatmaps=True, filename=file.name)
+        for fa, fb in zip(a.findings, b.findings, strict=True):
+            assert fa.label == fb.label and abs(fa.probability - fb.probability) <= 1e-4
+            assert fa.detected == fb.detected
+            assert (fa.heatmap_png is None) == (fb.heatmap_png is None)

@@ -1,0 +1,260 @@
+"""Serving under load: micro-batching equivalence, backpressure (503 + Retry-After while health and
+FHIR reads still answer), oversize bodies refused while streaming. No timed assertions."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import threading
+from urllib.parse import urlsplit
+
+import pytest
+
+from analyze_support import make_client, media
+from fhir_server.inference import InferencePool, ServerBusy
+from live_server import make_test_app, run_live_server
+from ml.models.untrained import load_untrained
+from ml.pipeline import Analyzer
+from model_fixtures import png_bytes, quadrant_pixels, tiny_model
+
+
+def _requests() -> list[tuple[bytes, bool, str | None]]:
+    return [
+        (png_bytes(quadrant_pixels(96, 96, quadrant="top_left")), True, "a.png"),
+        (png_bytes(quadrant_pixels(200, 120, quadrant="bottom_right")), False, "b.png"),
+        (b"this is not an image", False, "c.png"),
+        (png_bytes(quadrant_pixels(80, 80, quadrant="all")), True, "d.png"),
+        (png_bytes(quadrant_pixels(64, 64, quadrant=None)), False, None),
+    ]
+
+
+def _key(analysis):
+    return (
+        [(f.label, f.probability, f.detected, f.severity, f.regions, f.heatmap_png) for f in analysis.findings],
+        analysis.triage,
+        analysis.confidence_score,
+        analysis.report_text,
+        analysis.image,
+    )
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+@pytest.mark.parametrize("make_model", [tiny_model, load_untrained], ids=["tiny", "untrained"])
+def test_a_batch_returns_exactly_what_single_requests_return(tmp_path, engine, make_model):
+    analyzer = Analyzer(make_model(), ood_gate=None, max_bytes=10**8, max_pixels=10**8, engine=engine,
+                        engine_cache_dir=tmp_path)
+    requests = _requests()
+    batch = analyzer.analyze_many(requests)
+    assert len(batch) == len(requests)
+    for (data, heatmaps, filename), got in zip(requests, batch, strict=True):
+        try:
+            single = analyzer.analyze_bytes(data, heatmaps=heatmaps, filename=filename)
+        except Exception as exc:  # noqa: BLE001
+            assert type(got) is type(exc) and str(got) == str(exc)
+            continue
+        assert not isinstance(got, BaseException), got
+        assert _key(got) == _key(single)
+    assert isinstance(batch[2], Exception)  # the bad one failed alone, in its place
+    assert any(f.heatmap_png for f in batch[0].findings)
+
+
+class _Recording(Analyzer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[int] = []
+
+    def analyze_many(self, requests):
+        self.batches.append(len(requests))
+        return super().analyze_many(requests)
+
+
+def test_pool_groups_concurrent_requests_into_one_forward_pass_in_order():
+    analyzer = _Recording(tiny_model(), ood_gate=None, max_bytes=10**8, max_pixels=10**8)
+    requests = [r for r in _requests() if r[2] != "c.png"]
+    expected = [_key(analyzer.analyze_bytes(d, heatmaps=h, filename=f)) for d, h, f in requests]
+    analyzer.batches.clear()
+
+    async def scenario():
+        # a long wait: the batch is sent when it is full, not when the wait ends
+        pool = InferencePool(1, batch_max_size=len(requests), batch_max_wait_ms=60_000)
+        try:
+            return await asyncio.gather(
+                *(pool.analyze(analyzer, d, heatmaps=h, filename=f) for d, h, f in requests)
+            )
+        finally:
+            pool.shutdown()
+
+    results = asyncio.run(scenario())
+    assert analyzer.batches == [len(requests)]
+    assert [_key(r) for r in results] == expected
+
+
+def test_pool_delivers_each_requests_own_error():
+    analyzer = tiny_model()
+    an = Analyzer(analyzer, ood_gate=None, max_bytes=10**8, max_pixels=10**8)
+
+    async def scenario():
+        pool = InferencePool(1, batch_max_size=2, batch_max_wait_ms=60_000)
+        try:
+            return await asyncio.gather(
+                pool.analyze(an, b"garbage", filename="x.png"),
+                pool.analyze(an, png_bytes(quadrant_pixels(64, 64))),
+                return_exceptions=True,
+            )
+        finally:
+            pool.shutdown()
+
+    bad, good = asyncio.run(scenario())
+    assert isinstance(bad, Exception) and not isinstance(good, Exception)
+    assert good.findings
+
+
+class _Blocking(Analyzer):
+    """Holds every analysis until released, so the pool can be filled deterministically."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def analyze_many(self, requests):
+        self.started.set()
+        assert self.release.wait(60), "test never released the analysis"
+        return super().analyze_many(requests)
+
+
+def test_full_queue_gives_503_with_retry_after_while_health_and_fhir_reads_answer(tmp_path):
+    analyzer = _Blocking(tiny_model(), ood_gate=None, max_bytes=10**8, max_pixels=10**8)
+    image = png_bytes(quadrant_pixels(64, 64))
+    with make_client(tmp_path, analyzer=analyzer, inference_workers=1, inference_queue=0, batch_max_size=1) as c:
+        first: dict = {}
+        worker = threading.Thread(
+            target=lambda: first.setdefault("r", c.post("/api/v1/predict", files={"image": ("a.png", image, "image/png")}))
+        )
+        worker.start()
+        try:
+            assert analyzer.started.wait(30)
+            # the pool is full: legacy JSON error with Retry-After
+            r = c.post("/api/v1/predict", files={"image": ("b.png", image, "image/png")})
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "server_busy"
+            assert int(r.headers["retry-after"]) >= 1
+            # FHIR: an OperationOutcome with Retry-After
+            r = c.post("/fhir/Media/$analyze", json={"resourceType": "Parameters", "parameter": [{"name": "media", "resource": media()}]},
+                       headers={"Content-Type": "application/fhir+json"})
+            assert r.status_code == 503, r.text
+            assert r.json()["resourceType"] == "OperationOutcome"
+            assert r.json()["issue"][0]["code"] == "transient"
+            assert int(r.headers["retry-after"]) >= 1
+            # everything that is not image analysis still answers
+            assert c.get("/healthz").status_code == 200
+            assert c.get("/readyz").status_code == 200
+            assert c.get("/fhir/metadata").status_code == 200
+            created = c.post("/fhir/Patient", json={"resourceType": "Patient", "name": [{"family": "Busy"}]},
+                             headers={"Content-Type": "application/fhir+json"})
+            assert created.status_code == 201, created.text
+            read = c.get(f"/fhir/Patient/{created.json()['id']}")
+            assert read.status_code == 200 and read.json()["name"][0]["family"] == "Busy"
+            assert worker.is_alive()  # the first analysis is still being held
+        finally:
+            analyzer.release.set()
+            worker.join(60)
+        assert first["r"].status_code == 200
+        # capacity is released: the next request is served
+        assert c.post("/api/v1/predict", files={"image": ("c.png", image, "image/png")}).status_code == 200
+
+
+def test_server_busy_carries_retry_after():
+    async def scenario():
+        pool = InferencePool(1, queue=0)
+        try:
+            gate = threading.Event()
+            first = asyncio.ensure_future(pool.run(gate.wait, 30))
+            while pool.admitted == 0:
+                await asyncio.sleep(0.01)
+            with pytest.raises(ServerBusy) as info:
+                await pool.analyze(Analyzer(tiny_model(), ood_gate=None, max_bytes=10**6, max_pixels=10**6), b"x")
+            gate.set()
+            await first
+            return info.value
+        finally:
+            pool.shutdown()
+
+    busy = asyncio.run(scenario())
+    assert busy.http_status == 503 and busy.retry_after >= 1
+
+
+# ---- oversize bodies over real HTTP (uvicorn): refused while streaming ---------------------------
+
+LIMIT = 200_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    app = make_test_app(tmp_path_factory.mktemp("serving"), max_upload_bytes=LIMIT)
+    with run_live_server(app) as live:
+        yield live
+
+
+def _raw_request(root: str, head: str, chunks, *, max_send: int) -> tuple[int, int]:
+    """Send `head`, then chunked body pieces until the server answers; (status, bytes sent)."""
+    url = urlsplit(root)
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    sent = 0
+    try:
+        sock.sendall(head.encode("latin-1"))
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server has answered before the body was complete
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+            if sent > max_send:
+                break
+        response = b""
+        while b"\r\n" not in response:
+            part = sock.recv(4096)
+            if not part:
+                break
+            response += part
+        return int(response.split(b" ", 2)[1]), sent
+    finally:
+        sock.close()
+
+
+def _pieces(n: int, size: int = 16_384):
+    for _ in range(n):
+        yield b"\0" * size
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [("/api/v1/predict", "multipart/form-data; boundary=XyZ"), ("/fhir/Media/$analyze", "application/fhir+json")],
+)
+def test_chunked_oversize_body_is_refused_while_streaming(server, path, content_type):
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n")
+    if path.startswith("/api"):
+        prefix = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        chunks = [prefix, *_pieces(400)]  # 6.5 MB offered, 200 kB allowed
+    else:
+        chunks = [b'{"resourceType":"Parameters","parameter":[{"name":"media","resource":{"resourceType":"Media","content":{"data":"',
+                  *(b"A" * 16_384 for _ in range(400))]
+    status, sent = _raw_request(server.root, head, chunks, max_send=6_000_000)
+    assert status == 413
+    assert sent < 6_000_000  # the server stopped us long before the whole body was sent
+
+
+@pytest.mark.parametrize("path", ["/api/v1/predict", "/fhir/Media/$analyze"])
+def test_declared_oversize_content_length_is_refused_before_reading(server, path):
+    url = urlsplit(server.root)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        ctype = "multipart/form-data; boundary=XyZ" if path.startswith("/api") else "application/fhir+json"
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+                      f"Content-Length: {10**12}\r\n\r\n").encode())
+        # no body at all: a server that waited for it would time out this recv instead of answering
+        response = sock.recv(4096)
+    assert int(response.split(b" ", 2)[1]) == 413
