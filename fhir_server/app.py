@@ -65,6 +65,10 @@ def _default_gate(settings: Settings):  # -> OODGate | None
         log.warning("ml.ood is not available: serving WITHOUT the out-of-distribution gate")
         return None
     try:
+        if settings.engine == "onnx":
+            from ml.engine import onnx_default_gate
+
+            return onnx_default_gate(settings.onnx_cache_dir)  # the gate's backbone on ONNX Runtime too
         return load_default_gate()
     except CXRError as exc:
         raise ModelUnavailable(

@@ -183,14 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--validation-limit", type=int, default=600, help="held-out images per finding, at most")
     quant.set_defaults(func=cmd_quantize)
 
-    # TODO(remove this guard once ml/training/cli.py lands): train / evaluate live in ml.training.
-    try:
-        from ml.training.cli import add_subcommands
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("ml.training", "ml.training.cli"):
-            raise  # the module exists but is broken: say so instead of hiding the commands
-    else:
-        add_subcommands(sub)
+    from fhir_server.openapi_export import add_subcommand as add_openapi
+    from ml.training.cli import add_subcommands as add_training
+
+    add_training(sub)  # train, evaluate
+    add_openapi(sub)  # openapi
     return parser
 
 

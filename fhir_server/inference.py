@@ -100,6 +100,9 @@ class InferencePool:
         self._free_workers: asyncio.Semaphore | None = None  # created on the running loop
         self._pending: dict[int, list[_Job]] = {}  # id(analyzer) -> jobs waiting for a batch
         self._collectors: dict[int, asyncio.Task] = {}
+        self._arrived: dict[int, asyncio.Event] = {}
+        self._running: set[asyncio.Task] = set()
+        self._idle = self.workers  # workers not running a batch (run() jobs are not counted)
         self._seconds_per_job = 0.2  # running estimate for Retry-After
 
     @property
@@ -149,6 +152,8 @@ class InferencePool:
         job.future.add_done_callback(self._release_slot)
         key = id(analyzer)
         self._pending.setdefault(key, []).append(job)
+        if key in self._arrived:
+            self._arrived[key].set()
         if key not in self._collectors:
             self._collectors[key] = loop.create_task(self._collect(analyzer, key))
         return await asyncio.shield(job.future)
@@ -163,12 +168,25 @@ class InferencePool:
         try:
             while self._pending.get(key):
                 deadline = loop.time() + self.batch_max_wait_s
+                arrived = self._arrived.setdefault(key, asyncio.Event())
                 while len(self._pending[key]) < self.batch_max_size and loop.time() < deadline:
-                    await asyncio.sleep(min(0.001, max(0.0, deadline - loop.time())))
+                    arrived.clear()
+                    try:  # woken by the next arrival, or the wait ends
+                        await asyncio.wait_for(arrived.wait(), deadline - loop.time())
+                    except TimeoutError:
+                        break
+                idle = self._idle  # before this batch takes a worker
                 await sem.acquire()  # while all workers are busy, the batch keeps growing
-                jobs = self._pending[key][: self.batch_max_size]
+                # Spread the waiting jobs over the idle workers rather than loading one of them with
+                # everything: closed-loop clients that all resubmit at once would otherwise keep
+                # landing in one batch on one core while the other cores idle.
+                share = math.ceil(len(self._pending[key]) / max(1, idle))
+                jobs = self._pending[key][: min(self.batch_max_size, share)]
                 del self._pending[key][: len(jobs)]
-                loop.create_task(self._run_batch(analyzer, jobs, sem))
+                self._idle -= 1
+                task = loop.create_task(self._run_batch(analyzer, jobs, sem))
+                self._running.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(self._running.discard)
         finally:
             self._collectors.pop(key, None)
             if not self._pending.get(key):
@@ -183,6 +201,7 @@ class InferencePool:
         except BaseException as exc:  # noqa: BLE001 - the whole batch failed: every caller hears it
             results = [exc] * len(jobs)
         finally:
+            self._idle += 1
             sem.release()
         elapsed = (loop.time() - start) / max(1, len(jobs))
         self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed

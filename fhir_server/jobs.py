@@ -223,7 +223,7 @@ async def _run(app: Any, job: Job, req: operations.AnalyzeRequest) -> None:
             executionPeriod=_period(started),
         )
         outcome = await _operations().run_analysis(
-            app, req, progress=progress, after_write=complete_in_same_transaction
+            app, req, progress=progress, after_write=complete_in_same_transaction, wait_when_busy=True
         )
         job.result_status, job.result_body, job.status = 200, outcome.bundle, "completed"
     except (asyncio.CancelledError, JobCancelled):

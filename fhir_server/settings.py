@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     port: int = 8000
     base_url: str | None = Field(None, description="Public FHIR base URL; derived from the request when unset")
     inference_workers: int = Field(
-        1, ge=0, description="Concurrent inference workers (0 = one per core); each gets cores // workers threads"
+        0, ge=0, description="Concurrent inference workers (0 = one per core); each gets cores // workers threads "
+        "(measured on 2 cores: 2 workers x 1 thread serve 1.4-1.7x more than 1 x 2 at 8 clients)"
     )
     inference_queue: int | None = Field(
         None, ge=0, description="Analyses that may wait beyond the running ones before 503 + Retry-After "

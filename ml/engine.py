@@ -296,3 +296,38 @@ def cached_export(model: LoadedModel, cache_dir: Path | None) -> Path:
         log.info("Exporting %s to ONNX at %s (once per weights)", model.info.name, path)
         export_onnx(model, path)
     return path
+
+
+class OnnxFeatureGate:
+    """An OOD gate that scores pooled backbone features (the bundled FeatureGate) with that backbone
+    run by ONNX Runtime instead of eager torch: used when the served model is not the gate's own
+    network (e.g. a TorchXRayVision model behind the bundled gate). Same decisions as the torch gate
+    up to the export tolerance."""
+
+    def __init__(self, gate: object, engine: OnnxEngine, input_size: int) -> None:
+        self._gate = gate
+        self._engine = engine
+        self._size = input_size
+
+    def check(self, image):  # -> OODResult
+        from ml.preprocess import to_model_input
+
+        x, _ = to_model_input(image.pixels, self._size)
+        _, features = self._engine.forward(x[None])
+        return self._gate.check_features(image, features[0].mean(axis=(1, 2)))  # type: ignore[attr-defined]
+
+
+def onnx_default_gate(cache_dir: Path | None):  # -> OODGate
+    """The bundled OOD gate, its backbone on ONNX Runtime when that export passes the check;
+    otherwise the plain (torch) bundled gate."""
+    from ml.models.bundled import load_bundled
+
+    gate_model = load_bundled()
+    gate = gate_model.ood_gate
+    head = linear_cam_head(gate_model)
+    if not callable(getattr(gate, "check_features", None)) or head is None or head.relu_before_pool:
+        return gate
+    engine = build_engine(gate_model, "onnx", cache_dir=cache_dir)
+    if not isinstance(engine, OnnxEngine):
+        return gate
+    return OnnxFeatureGate(gate, engine, gate_model.input_size)

@@ -18,6 +18,7 @@ forward pass and no extra download.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,12 +134,21 @@ class FeatureGate:
             return self._net.pooled(torch.from_numpy(x)[None]).double().numpy()[0]
 
     def check(self, image: XRayImage) -> OODResult:
+        return self._decide(image, lambda: self.features(image))
+
+    def check_features(self, image: XRayImage, pooled: np.ndarray) -> OODResult:
+        """check() with the pooled backbone features already computed: the classifier's own forward
+        pass sees the same input (to_model_input at the same size) through the same network, so
+        the serving pipeline shares it instead of running the backbone twice (ml/pipeline.py)."""
+        return self._decide(image, lambda: np.asarray(pooled, dtype=np.float64))
+
+    def _decide(self, image: XRayImage, pooled: Callable[[], np.ndarray]) -> OODResult:
         reason = metadata_reason(image)
         if reason is not None:
             return OODResult(passed=False, score=0.0, threshold=GATE_THRESHOLD, reason=reason)
         if self._params is None:  # weights shipped without a gate: metadata checks only
             return OODResult(passed=True, score=1.0, threshold=GATE_THRESHOLD, reason=None)
-        head, dist = self._params.scores(self.features(image)[None])
+        head, dist = self._params.scores(pooled()[None])
         head_s, dist_s = float(head[0]), float(dist[0])
         score = min(head_s, dist_s)
         if score >= GATE_THRESHOLD:

@@ -53,7 +53,7 @@ def test_load_loops_against_the_live_server(live_server):  # noqa: F811
     p50, p95, errors = bench_http._latency(url, "a.png", data, n=3, limit_s=30)
     assert 0 < p50 <= p95 and errors == 0
     health: list[float] = []
-    rate, errors = bench_http._throughput(url, "a.png", data, clients=2, seconds=1.5,
+    rate, errors = bench_http._throughput(url, "a.png", data, clients=2, seconds=2.0,
                                           probes=[(f"{live_server.root}/healthz", health)])
     assert rate > 0 and errors == 0 and health
 

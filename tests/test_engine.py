@@ -180,3 +180,55 @@ def test_bundled_model_onnx_matches_torch_on_real_films(tmp_path, bundled_model,
             assert fa.label == fb.label and abs(fa.probability - fb.probability) <= 1e-4
             assert fa.detected == fb.detected
             assert (fa.heatmap_png is None) == (fb.heatmap_png is None)
+
+
+# ---- the OOD gate on the same ONNX forward pass -----------------------------------------------------
+
+
+def _gate_files(shared_data):
+    cat = shared_data / "dicom" / "feline_dx_chest_ap_deid_data.dcm"
+    films = sorted((shared_data / "nih_cxr14_fullres" / "images").glob("*.png"))[:3]
+    kermany = sorted((shared_data / "kermany_fullres").rglob("*.jpeg"))[:2]
+    files = [p for p in [cat, *films, *kermany] if p.exists()]
+    if not cat.exists() or not films:
+        pytest.skip("real films / the cat DICOM not present")
+    return files
+
+
+def _outcome(analyzer, path):
+    from ml.errors import NotChestXRay
+
+    try:
+        a = analyzer.analyze_bytes(path.read_bytes(), filename=path.name)
+    except NotChestXRay as exc:
+        return ("refused", exc.detail)
+    return ("passed", a.ood.score, [round(f.probability, 4) for f in a.findings])
+
+
+def test_bundled_gate_shares_the_onnx_forward_pass_with_the_same_decisions(tmp_path, bundled_model, shared_data):
+    onnx = _analyzer(bundled_model, "onnx", tmp_path)
+    ref = _analyzer(bundled_model, "torch", tmp_path)
+    assert onnx._shared_gate and not ref._shared_gate
+    results = []
+    for path in _gate_files(shared_data):
+        got, want = _outcome(onnx, path), _outcome(ref, path)
+        assert got[0] == want[0], path
+        if got[0] == "passed":
+            assert abs(got[1] - want[1]) <= 1e-3 and np.allclose(got[2], want[2], atol=2e-4)
+        results.append(got[0])
+    assert results[0] == "refused" and "passed" in results  # the cat is refused, chest films pass
+
+
+def test_onnx_default_gate_decides_like_the_torch_gate(tmp_path, bundled_model, xrv_model, shared_data):
+    from ml.ood import load_default_gate
+
+    fast = eng.onnx_default_gate(tmp_path)
+    assert isinstance(fast, eng.OnnxFeatureGate)
+    slow = load_default_gate()
+    onnx = Analyzer(xrv_model, ood_gate=fast, max_bytes=10**9, max_pixels=10**9, engine="onnx", engine_cache_dir=tmp_path)
+    ref = Analyzer(xrv_model, ood_gate=slow, max_bytes=10**9, max_pixels=10**9, engine="torch")
+    for path in _gate_files(shared_data):
+        got, want = _outcome(onnx, path), _outcome(ref, path)
+        assert got[0] == want[0], path
+        if got[0] == "passed":
+            assert abs(got[1] - want[1]) <= 1e-3

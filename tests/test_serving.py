@@ -7,6 +7,7 @@ import asyncio
 import select
 import socket
 import threading
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import pytest
@@ -90,6 +91,39 @@ def test_pool_groups_concurrent_requests_into_one_forward_pass_in_order():
     assert [_key(r) for r in results] == expected
 
 
+class _RecordingBlocking(_Recording):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+
+    def analyze_many(self, requests):
+        self.batches.append(len(requests))
+        assert self.release.wait(60), "test never released the analysis"
+        return Analyzer.analyze_many(self, requests)
+
+
+def test_pool_spreads_a_burst_over_idle_workers():
+    """4 requests at once with 2 idle workers: two batches of 2, not one batch of 4 on one core."""
+    analyzer = _RecordingBlocking(tiny_model(), ood_gate=None, max_bytes=10**8, max_pixels=10**8)
+    requests = [r for r in _requests() if r[2] != "c.png"][:4]
+
+    async def scenario():
+        pool = InferencePool(2, batch_max_size=4, batch_max_wait_ms=50)
+        try:
+            pending = asyncio.gather(*(pool.analyze(analyzer, d, heatmaps=h, filename=f) for d, h, f in requests))
+            while len(analyzer.batches) < 2:  # both workers hold a batch (no analysis finishes before)
+                await asyncio.sleep(0.01)
+            analyzer.release.set()
+            return await pending
+        finally:
+            analyzer.release.set()
+            pool.shutdown()
+
+    results = asyncio.run(scenario())
+    assert analyzer.batches == [2, 2]
+    assert [_key(r) for r in results] == [_key(analyzer.analyze_bytes(d, heatmaps=h, filename=f)) for d, h, f in requests]
+
+
 def test_pool_delivers_each_requests_own_error():
     analyzer = tiny_model()
     an = Analyzer(analyzer, ood_gate=None, max_bytes=10**8, max_pixels=10**8)
@@ -124,17 +158,33 @@ class _Blocking(Analyzer):
         return super().analyze_many(requests)
 
 
-def test_full_queue_gives_503_with_retry_after_while_health_and_fhir_reads_answer(tmp_path):
+@contextmanager
+def _only_slot_taken(c, analyzer: _Blocking, image: bytes):
+    """Fills the pool's only slot with a predict that is held until the block exits."""
+    first: dict = {}
+    worker = threading.Thread(
+        target=lambda: first.setdefault("r", c.post("/api/v1/predict", files={"image": ("a.png", image, "image/png")}))
+    )
+    worker.start()
+    try:
+        assert analyzer.started.wait(30)
+        yield worker
+    finally:
+        analyzer.release.set()
+        worker.join(60)
+    assert first["r"].status_code == 200
+
+
+def _blocked_client(tmp_path):
     analyzer = _Blocking(tiny_model(), ood_gate=None, max_bytes=10**8, max_pixels=10**8)
-    image = png_bytes(quadrant_pixels(64, 64))
-    with make_client(tmp_path, analyzer=analyzer, inference_workers=1, inference_queue=0, batch_max_size=1) as c:
-        first: dict = {}
-        worker = threading.Thread(
-            target=lambda: first.setdefault("r", c.post("/api/v1/predict", files={"image": ("a.png", image, "image/png")}))
-        )
-        worker.start()
-        try:
-            assert analyzer.started.wait(30)
+    client = make_client(tmp_path, analyzer=analyzer, inference_workers=1, inference_queue=0, batch_max_size=1)
+    return client, analyzer, png_bytes(quadrant_pixels(64, 64))
+
+
+def test_full_queue_gives_503_with_retry_after_while_health_and_fhir_reads_answer(tmp_path):
+    client, analyzer, image = _blocked_client(tmp_path)
+    with client as c:
+        with _only_slot_taken(c, analyzer, image) as worker:
             # the pool is full: legacy JSON error with Retry-After
             r = c.post("/api/v1/predict", files={"image": ("b.png", image, "image/png")})
             assert r.status_code == 503
@@ -157,10 +207,6 @@ def test_full_queue_gives_503_with_retry_after_while_health_and_fhir_reads_answe
             read = c.get(f"/fhir/Patient/{created.json()['id']}")
             assert read.status_code == 200 and read.json()["name"][0]["family"] == "Busy"
             assert worker.is_alive()  # the first analysis is still being held
-        finally:
-            analyzer.release.set()
-            worker.join(60)
-        assert first["r"].status_code == 200
         # capacity is released: the next request is served
         assert c.post("/api/v1/predict", files={"image": ("c.png", image, "image/png")}).status_code == 200
 
@@ -258,3 +304,19 @@ def test_declared_oversize_content_length_is_refused_before_reading(server, path
         # no body at all: a server that waited for it would time out this recv instead of answering
         response = sock.recv(4096)
     assert int(response.split(b" ", 2)[1]) == 413
+
+
+def test_accepted_async_job_waits_for_room_instead_of_failing(tmp_path):
+    """A 202-accepted $analyze job that meets a full queue waits (Retry-After) and then completes."""
+    from test_async import ASYNC, poll_until_done
+
+    client, analyzer, image = _blocked_client(tmp_path)
+    with client as c:
+        with _only_slot_taken(c, analyzer, image):
+            r = c.post("/fhir/Media/$analyze", headers={**ASYNC, "Content-Type": "application/fhir+json"},
+                       json={"resourceType": "Parameters", "parameter": [{"name": "media", "resource": media()}]})
+            assert r.status_code == 202, r.text
+            location = r.headers["content-location"]
+            assert c.get(location).status_code == 202  # still waiting for room, not failed
+        done = poll_until_done(c, location)
+        assert done.status_code == 200, done.text

@@ -24,6 +24,7 @@ re-posting the same study versions the same report.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from fhir_server import imaging
 from fhir_server import resources as fr
 from fhir_server.errors import operation_outcome
-from fhir_server.inference import require_analyzer
+from fhir_server.inference import ServerBusy, require_analyzer
 from fhir_server.storage import Repository, StorageError, StoredResource, Transaction, VersionConflict, new_id
 from ml.errors import CXRError, InputError
 
@@ -202,10 +203,13 @@ AfterWrite = Callable[[Transaction, "AnalyzeOutcome"], None]
 
 
 async def run_analysis(
-    app: Any, req: AnalyzeRequest, *, progress: Progress | None = None, after_write: AfterWrite | None = None
+    app: Any, req: AnalyzeRequest, *, progress: Progress | None = None, after_write: AfterWrite | None = None,
+    wait_when_busy: bool = False,
 ) -> AnalyzeOutcome:
     """Fetch pixels, analyse, write every output in one transaction, return the result Bundle.
-    `after_write(tx, outcome)` runs inside that same transaction (the async Task update)."""
+    `after_write(tx, outcome)` runs inside that same transaction (the async Task update).
+    `wait_when_busy`: an accepted async job waits for room in the inference queue (as Retry-After
+    says) instead of failing with 503; a synchronous request gets the 503 and retries itself."""
     settings = app.state.settings
     repo: Repository = app.state.store
     analyzer = require_analyzer(app.state)
@@ -231,7 +235,7 @@ async def run_analysis(
             own_base=req.base,
         )
         note("analysing")
-        analysis = await app.state.inference.analyze(analyzer, data, heatmaps=req.heatmaps)
+        analysis = await _analyze_image(app, analyzer, data, req.heatmaps, wait_when_busy)
         images.append(fr.ImageResult(analysis))
     else:
         note("retrieving study")
@@ -242,7 +246,7 @@ async def run_analysis(
         for i, img in enumerate(study.images, 1):
             note(f"analysing image {i}/{len(study.images)}")
             try:
-                analysis = await app.state.inference.analyze(analyzer, img.data, heatmaps=req.heatmaps)
+                analysis = await _analyze_image(app, analyzer, img.data, req.heatmaps, wait_when_busy)
             except InputError as exc:  # one unusable image must not sink the other views
                 first_error = first_error or exc
                 notes.append(f"Image {img.ref.sop_uid} was not analysed: {exc.message}")
@@ -260,6 +264,16 @@ async def run_analysis(
                 raise
             log.info("concurrent re-analysis of the same input; retrying the write once")
     raise AssertionError("unreachable")
+
+
+async def _analyze_image(app: Any, analyzer: Any, data: bytes, heatmaps: bool, wait_when_busy: bool) -> Any:
+    while True:
+        try:
+            return await app.state.inference.analyze(analyzer, data, heatmaps=heatmaps)
+        except ServerBusy as exc:
+            if not wait_when_busy:
+                raise
+            await asyncio.sleep(exc.retry_after)
 
 
 def _identifier_criteria(resource: Json) -> str | None:
