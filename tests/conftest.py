@@ -39,3 +39,15 @@ def tiny_analyzer():
     from model_fixtures import tiny_analyzer as make
 
     return make
+
+
+@pytest.fixture(scope="module")
+def bundled_model():
+    """The shipped cxr:pneumonia-v1 model; skips when its weights are not installed."""
+    from ml.errors import ModelUnavailable
+    from ml.models.bundled import load_bundled
+
+    try:
+        return load_bundled()
+    except ModelUnavailable as exc:
+        pytest.skip(f"bundled weights not installed: {exc.message}")

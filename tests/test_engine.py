@@ -35,17 +35,6 @@ def xrv_model(tmp_path_factory):
     return load_model(ALL, weights_dir=folder)
 
 
-@pytest.fixture(scope="module")
-def bundled_model():
-    from ml.errors import ModelUnavailable
-    from ml.models.bundled import load_bundled
-
-    try:
-        return load_bundled()
-    except ModelUnavailable as exc:
-        pytest.skip(f"bundled weights not installed: {exc.message}")
-
-
 def _analyzer(model, engine: str, cache: Path, **kw) -> Analyzer:
     return Analyzer(model, ood_gate=None, max_bytes=10**9, max_pixels=10**9, engine=engine, engine_cache_dir=cache, **kw)
 

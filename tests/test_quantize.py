@@ -14,17 +14,6 @@ from ml.models.untrained import load_untrained
 
 
 @pytest.fixture(scope="module")
-def bundled_model():
-    from ml.errors import ModelUnavailable
-    from ml.models.bundled import load_bundled
-
-    try:
-        return load_bundled()
-    except ModelUnavailable as exc:
-        pytest.skip(f"bundled weights not installed: {exc.message}")
-
-
-@pytest.fixture(scope="module")
 def quantized(tmp_path_factory, bundled_model, shared_data):
     cache = tmp_path_factory.mktemp("onnx-cache")
     report = q.quantize(bundled_model, cache_dir=cache, data_dir=shared_data, calibration=60, validation_limit=240)
