@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -20,19 +21,30 @@ ALL_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-r
 
 
 @pytest.fixture(scope="module")
-def xrv_model(tmp_path_factory):
+def xrv_weights(tmp_path_factory) -> Path:
     """xrv DenseNet-121 with random weights, saved under the file name torchxrayvision expects."""
     import torchxrayvision as xrv
-
-    from ml.models.registry import load_model
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("xrv-weights")
     net = xrv.models.DenseNet(weights=None).eval()
-    with torch.no_grad():  # random features are large: a small head keeps outputs off 0/1 saturation
-        net.classifier.weight.mul_(0.002)
+    with torch.no_grad():
+        # Random features are large: a small head keeps outputs off 0/1 saturation, and biases at the
+        # logits of the operating points put each film's outputs on different sides of them (what
+        # real weights do, and what an export that bakes in op_norm's boolean masks gets wrong).
+        net.classifier.weight.mul_(0.02)
+        mean_logit = net.classifier(net.features2(torch.from_numpy(eng.check_images(224, 4)))).mean(0)
+        op_threshs = torch.tensor(xrv.models.model_urls["densenet121-res224-all"]["op_threshs"])
+        net.classifier.bias.add_(torch.logit(op_threshs) - mean_logit)
     torch.save(net, folder / ALL_FILE)
-    return load_model(ALL, weights_dir=folder)
+    return folder / ALL_FILE
+
+
+@pytest.fixture(scope="module")
+def xrv_model(xrv_weights):
+    from ml.models.registry import load_model
+
+    return load_model(ALL, weights_dir=xrv_weights.parent)
 
 
 def _analyzer(model, engine: str, cache: Path, **kw) -> Analyzer:
@@ -140,12 +152,50 @@ def test_untrained_numpy_cam_equals_grad_cam(tmp_path):
     assert corr and min(corr) >= 0.99, corr
 
 
+def test_op_norm_matches_torchxrayvision():
+    import torchxrayvision as xrv
+
+    from ml.models.xrv import op_norm
+
+    g = torch.Generator().manual_seed(0)
+    threshs = torch.rand(7, generator=g) * 0.6 + 0.001
+    probs = torch.rand(64, 7, generator=g)
+    probs[0] = threshs  # exactly at the operating point: 0.5 in both
+    probs[1], probs[2] = 0.0, 1.0
+    expected = xrv.models.op_norm(probs, threshs)
+    assert torch.allclose(op_norm(probs, threshs), expected, atol=1e-7)
+    assert torch.allclose(op_norm(probs[:1], threshs), torch.full((1, 7), 0.5))
+
+
+def test_xrv_outputs_are_torchxrayvisions_own(xrv_model, xrv_weights, shared_data):
+    """Our wrapper (sigmoid from xrv, op_norm by torch.where) gives what xrv's own forward gives."""
+    import torchxrayvision as xrv
+
+    reference = xrv.models.DenseNet(weights="densenet121-res224-all", cache_dir=str(xrv_weights.parent)).eval()
+    assert reference.op_threshs is not None  # xrv's own op_norm path
+    batch = eng.check_images(xrv_model.input_size, 3)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(batch)).index_select(1, xrv_model.network.keep).numpy()
+    assert np.abs(eng.torch_forward(xrv_model, batch) - expected).max() <= 1e-6
+
+
 def test_xrv_densenet_onnx_equivalence_and_cam(tmp_path, xrv_model, shared_data):
     """Random-weight DenseNet-121 on real radiographs: probabilities and CAM (ReLU-before-pool head)."""
-    batch = eng.check_images(xrv_model.input_size, 2)
-    engine = eng.build_engine(xrv_model, "onnx", cache_dir=tmp_path)
-    assert isinstance(engine, eng.OnnxEngine)
-    assert np.abs(engine.forward(batch)[0] - eng.torch_forward(xrv_model, batch)).max() <= eng.EQUIVALENCE_TOL
+    batch = eng.check_images(xrv_model.input_size, 4)
+    reference = eng.torch_forward(xrv_model, batch)
+    sides = reference >= 0.5
+    assert sides.any() and not sides.all() and len({row.tobytes() for row in sides}) > 1  # films differ
+    # The export traces one all-zero film: with the head biased far below every operating point, all
+    # its outputs sit on one side, which is where a traced boolean-mask op_norm broke.
+    one_sided = copy.deepcopy(xrv_model)
+    with torch.no_grad():
+        one_sided.network.model.classifier.bias.fill_(-5.0)
+    for model in (xrv_model, one_sided):
+        engine = eng.build_engine(model, "onnx", cache_dir=tmp_path)
+        assert isinstance(engine, eng.OnnxEngine)
+        for part in (batch, batch[:1], batch[1:]):  # every batch size, not just the export's
+            expected = eng.torch_forward(model, part)
+            assert np.abs(engine.forward(part)[0] - expected).max() <= eng.EQUIVALENCE_TOL
     assert eng.linear_cam_head(xrv_model).relu_before_pool
     corr = _correlations(xrv_model, tmp_path, batch)
     assert corr and min(corr) >= 0.99, corr

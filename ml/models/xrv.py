@@ -99,15 +99,37 @@ def _sha256_prefix(path: Path, n: int = 12) -> str:
 
 
 class _SelectOutputs(nn.Module):
-    """The xrv model with only the meaningful outputs kept, in a fixed order."""
+    """The xrv model with only the meaningful outputs kept, in a fixed order, op_norm'd.
+
+    torchxrayvision's `op_norm` writes through boolean masks (`out[mask] = ...`): the ONNX tracer
+    bakes the number of True entries of the example batch into the graph, so an exported model
+    fails or is wrong on any batch whose outputs fall on other sides of the operating points. The
+    xrv model is therefore asked for plain sigmoid outputs (its own `apply_sigmoid` branch) and the
+    same piecewise-linear map is applied here with `torch.where`, which traces to one graph for
+    every batch. tests/test_engine.py checks it against `xrv.models.op_norm` and on batches that straddle them.
+    """
 
     def __init__(self, model: nn.Module, keep: list[int]) -> None:
         super().__init__()
+        op_threshs = getattr(model, "op_threshs", None)
         self.model = model
         self.register_buffer("keep", torch.tensor(keep, dtype=torch.long), persistent=False)
+        if op_threshs is not None:
+            self.register_buffer("op_threshs", op_threshs.detach().clone().float().index_select(0, self.keep))
+            model.op_threshs = None
+            model.apply_sigmoid = True
+        else:
+            self.op_threshs = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).index_select(1, self.keep)
+        out = self.model(x).index_select(1, self.keep)
+        return out if self.op_threshs is None else op_norm(out, self.op_threshs)
+
+
+def op_norm(probs: torch.Tensor, op_threshs: torch.Tensor) -> torch.Tensor:
+    """torchxrayvision's op_norm for non-NaN operating points: [0, t] -> [0, 0.5], [t, 1] -> [0.5, 1]."""
+    t = op_threshs.unsqueeze(0)
+    return torch.where(probs < t, probs / (t * 2), 1.0 - (1.0 - probs) / ((1.0 - t) * 2))
 
 
 def load_xrv(name: str, *, weights_dir: Path) -> LoadedModel:
