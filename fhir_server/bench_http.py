@@ -4,7 +4,8 @@ For each model: start `cxr serve` (uvicorn) in a child process on 127.0.0.1 and 
 - single-client p50/p95 of POST /api/v1/predict for a small PNG, a 1024 px PNG and a 2500x2000
   16-bit DICOM, without and with one heatmap;
 - throughput (analyses/s) at 1, 4 and 8 concurrent clients posting the 1024 px PNG;
-- p99 of GET /healthz and of a FHIR read (GET /fhir/Patient/{id}) while 8 clients saturate it;
+- then, in a phase of its own, p99 of GET /healthz and of a FHIR read (GET /fhir/Patient/{id}) while
+  8 clients saturate it (the probes' own CPU would otherwise lower the 8-client throughput);
 - the child's peak RSS (VmHWM), and every 5xx counted (503 server_busy included).
 Then the naive baseline (fhir_server/bench_naive.py: Flask + TorchXRayVision DenseNet-121) is run
 the same way, never at the same time as ours, and our throughput / its throughput is printed.
@@ -38,6 +39,7 @@ CLIENTS = (1, 4, 8)
 @dataclass
 class ModelResult:
     label: str
+    engine: str = "torch fp32"  # what /readyz says actually serves (an ONNX export can fall back to torch)
     latency: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # (input, hm) -> p50, p95
     throughput: dict[int, float] = field(default_factory=dict)
     errors_5xx: int = 0
@@ -184,37 +186,55 @@ def _fhir_patient(root: str) -> str:
     return f"{root}/fhir/Patient/{r.json()['id']}"
 
 
-def bench_ours(model: str, weights_dir: Path, scratch: Path, inputs, *, iterations: int, seconds: float,
-               extra_env: dict[str, str]) -> ModelResult:
+@contextlib.contextmanager
+def our_server(model: str, weights_dir: Path, scratch: Path, extra_env: dict[str, str]
+               ) -> Iterator[tuple[subprocess.Popen, str, str]]:
+    """`cxr serve` for `model` in a child process: (process, root URL, "engine precision" it serves with)."""
+    import httpx
+
     port = _free_port()
     # "with one heatmap" means one: the server's top-k is set to 1 for the bench
     env = {**os.environ, "CXR_DATA_DIR": str(scratch / f"data-{port}"), "CXR_AUTH_ENABLED": "false",
            "CXR_HEATMAP_TOP_K": "1", **extra_env}
     cmd = [sys.executable, "-m", "fhir_server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--model", model, "--weights-dir", str(weights_dir), "--log-level", "warning"]
-    result = ModelResult(label=model)
     root = f"http://127.0.0.1:{port}"
-    url = f"{root}/api/v1/predict"
     with _server(cmd, env, port, "/readyz", scratch / f"ours-{port}.log") as proc:
+        ready = httpx.get(f"{root}/readyz", timeout=10).json()
+        yield proc, root, f"{ready.get('engine')} {ready.get('precision')}"
+
+
+def bench_ours(model: str, weights_dir: Path, scratch: Path, inputs, *, iterations: int, seconds: float,
+               extra_env: dict[str, str]) -> ModelResult:
+    result = ModelResult(label=model)
+    with our_server(model, weights_dir, scratch, extra_env) as (proc, root, engine):
+        result.engine = engine
+        url = f"{root}/api/v1/predict"
         for name, filename, data in inputs:
             for hm_label, query in (("no heatmap", ""), ("1 heatmap", "?heatmaps=true")):
                 p50, p95, err = _latency(url + query, filename, data, iterations, limit_s=60)
                 result.latency[(name, hm_label)] = (p50, p95)
                 result.errors_5xx += err
         _, filename, data = inputs[1]
-        patient = _fhir_patient(root)
-        for clients in CLIENTS:
-            health: list[float] = []
-            reads: list[float] = []
-            probes = [(f"{root}/healthz", health), (patient, reads)] if clients == max(CLIENTS) else None
-            rate, err = _throughput(url, filename, data, clients, seconds, probes)
-            result.throughput[clients] = rate
-            result.errors_5xx += err
-            if probes:
-                result.health_p99 = float(np.percentile(health, 99)) if health else None
-                result.fhir_read_p99 = float(np.percentile(reads, 99)) if reads else None
+        _throughput_cells(result, url, filename, data, seconds)
+        health: list[float] = []
+        reads: list[float] = []
+        _, err = _throughput(url, filename, data, max(CLIENTS), seconds,
+                             [(f"{root}/healthz", health), (_fhir_patient(root), reads)])
+        result.errors_5xx += err
+        result.health_p99 = float(np.percentile(health, 99)) if health else None
+        result.fhir_read_p99 = float(np.percentile(reads, 99)) if reads else None
         result.peak_rss_mb = _peak_rss_mb(proc.pid)
     return result
+
+
+def _throughput_cells(result: ModelResult, url: str, filename: str, data: bytes, seconds: float) -> None:
+    """Throughput at each client count with nothing else running: the probes of the saturation phase
+    (50 health checks and 50 FHIR reads a second) take CPU too, so they get a phase of their own."""
+    for clients in CLIENTS:
+        rate, err = _throughput(url, filename, data, clients, seconds)
+        result.throughput[clients] = rate
+        result.errors_5xx += err
 
 
 def bench_naive(weights_dir: Path, scratch: Path, inputs, *, iterations: int, seconds: float) -> ModelResult:
@@ -231,14 +251,11 @@ def bench_naive(weights_dir: Path, scratch: Path, inputs, *, iterations: int, se
             result.latency[(name, "no heatmap")] = (p50, p95)
             result.errors_5xx += err
         _, filename, data = inputs[1]
-        for clients in CLIENTS:
-            health: list[float] = []
-            probes = [(f"http://127.0.0.1:{port}/healthz", health)] if clients == max(CLIENTS) else None
-            rate, err = _throughput(url, filename, data, clients, seconds, probes)
-            result.throughput[clients] = rate
-            result.errors_5xx += err
-            if probes and health:
-                result.health_p99 = float(np.percentile(health, 99))
+        _throughput_cells(result, url, filename, data, seconds)
+        health: list[float] = []
+        _, err = _throughput(url, filename, data, max(CLIENTS), seconds, [(f"http://127.0.0.1:{port}/healthz", health)])
+        result.errors_5xx += err
+        result.health_p99 = float(np.percentile(health, 99)) if health else None
         result.peak_rss_mb = _peak_rss_mb(proc.pid)
     return result
 
@@ -250,7 +267,7 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 def print_results(results: list[ModelResult], naive: ModelResult | None) -> None:
     everything = results + ([naive] if naive else [])
     for r in everything:
-        print(f"\n== {r.label}")
+        print(f"\n== {r.label} ({r.engine})")
         print(f"   {'input':<24} {'heatmaps':<11} {'p50 ms':>8} {'p95 ms':>8}")
         for (name, hm), (p50, p95) in r.latency.items():
             print(f"   {name:<24} {hm:<11} {p50:8.1f} {p95:8.1f}")

@@ -99,6 +99,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.soak:
+        from fhir_server.bench_soak import run_soak
+
+        settings = _settings(args)
+        return run_soak(settings, model=settings.model, requests=args.soak, data_dir=args.data)
     if args.http:
         from fhir_server.bench_http import XRV_DENSENET, run_http_bench
 
@@ -172,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "xrv:densenet121-res224-all)")
     bench.add_argument("--seconds", type=float, default=10.0, help="--http: duration of each throughput cell")
     bench.add_argument("--engine", choices=["torch", "onnx"], help="--http: CXR_ENGINE for our server")
+    bench.add_argument("--soak", type=int, metavar="N",
+                       help="send N mixed requests (legacy, FHIR $analyze, reads, a refusal) to a served "
+                            "--model and print its memory (VmRSS) over them")
     bench.add_argument("--no-naive", action="store_true", help="--http: skip the naive baseline")
     bench.set_defaults(func=cmd_bench)
 
