@@ -9,7 +9,7 @@ from io import BytesIO
 import httpx
 
 import mappings
-from fhir_server.imaging.fetch import Fetched, FetchPolicy, ImagingError, _client, fetch
+from fhir_server.imaging.fetch import Fetched, FetchPolicy, ImagingError, fetch, new_client
 from fhir_server.imaging.media import Json, ReadResource
 from fhir_server.imaging.multipart import parse_multipart_related
 
@@ -173,7 +173,7 @@ async def study_images(
     uid = study_uid(study)
     address = await resolve_endpoint(study, read_resource)
     own = client is None
-    client = client or _client()
+    client = client or new_client()
     notes: list[str] = []
     views: list[str] = []
     try:

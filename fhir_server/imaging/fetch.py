@@ -155,7 +155,7 @@ class Fetched:
     url: str
 
 
-def _client() -> httpx.AsyncClient:
+def new_client() -> httpx.AsyncClient:
     # trust_env=False: proxy variables must not silently route around the allowlist.
     return httpx.AsyncClient(follow_redirects=False, trust_env=False)
 
@@ -170,7 +170,7 @@ async def fetch(
 ) -> Fetched:
     """GET url within the policy: allowlist per hop, size cap while streaming, one deadline."""
     own = client is None
-    client = client or _client()
+    client = client or new_client()
     try:
         return await asyncio.wait_for(_fetch(client, url, policy, expression, headers or {}), policy.timeout_s)
     except asyncio.TimeoutError as exc:
