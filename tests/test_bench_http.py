@@ -26,6 +26,16 @@ def test_fixture_is_loadable_by_our_registry(fixture_weights):
     assert len(model.labels) > 10
 
 
+def test_fixture_is_served_by_onnx_runtime_not_a_torch_fallback(fixture_weights, tmp_path):
+    """The bench's DenseNet must measure the engine we serve: an export the load check rejects
+    would silently time torch instead (it did, when xrv's op_norm was traced)."""
+    from ml import engine as eng
+    from ml.models.registry import load_model
+
+    model = load_model(bench_http.XRV_DENSENET, weights_dir=fixture_weights)
+    assert isinstance(eng.build_engine(model, "onnx", cache_dir=tmp_path), eng.OnnxEngine)
+
+
 def test_existing_weights_are_used_not_replaced(fixture_weights, tmp_path):
     folder, is_fixture = bench_http.xrv_weights_dir(fixture_weights, tmp_path)
     assert folder == fixture_weights and not is_fixture
