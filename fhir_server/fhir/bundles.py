@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from fhir_server.auth import authorize
 from fhir_server.errors import operation_outcome
-from fhir_server.storage import StoredResource, new_id, parse_search
+from fhir_server.storage import StoredResource, new_id
 from fhir_server.storage.errors import ResourceGone, StorageError
 from fhir_server.storage.repository import ID_RE, Transaction
 from fhir_server.storage.timeutil import format_instant, utcnow
@@ -31,7 +31,8 @@ from .crud import check_type, max_body
 from .exceptions import FhirError
 from .history import history_entry
 from .negotiation import body_media_type, fhir_json_response, parse_json_body, read_body
-from .search import searchset
+from .search import parse_query, searchset
+from .subsetting import subset_from_params
 from .validation import required_code_issues, validate_resource
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -198,9 +199,10 @@ def execute(request: Request, tx: Transaction, entry: Entry, base: str) -> dict[
         return _resource_entry(request, base, stored, 201 if stored.created else 200)
     # GET / HEAD
     if entry.resource_id is not None and not entry.history:
+        subset = subset_from_params(parse_qsl(entry.query or "", keep_blank_values=True))
         stored = tx.vread(rtype, entry.resource_id, entry.version_id) if entry.version_id else tx.read(rtype, entry.resource_id)
         out = _resource_entry(request, base, stored, 200)
-        out["resource"] = stored.resource
+        out["resource"] = subset.apply(stored.resource)
         out["response"].pop("location", None)
         return out
     if entry.history:
@@ -212,8 +214,7 @@ def execute(request: Request, tx: Transaction, entry: Entry, base: str) -> dict[
             "entry": [history_entry(base, e) for e in page.entries],
         }
         return {"resource": bundle, "response": {"status": status_line(200)}}
-    strict = parse_prefer(request).handling == "strict"
-    query = parse_search(rtype, parse_qsl(entry.query or "", keep_blank_values=True), strict=strict)
+    query = parse_query(request, rtype, parse_qsl(entry.query or "", keep_blank_values=True))
     result = tx.search(query)
     return {"resource": searchset(base, query, result), "response": {"status": status_line(200)}}
 

@@ -17,6 +17,7 @@ from fhir_server.storage.errors import ResourceGone
 from .common import base_url, get_store, information_outcome, parse_prefer, resource_headers, write_response
 from .exceptions import FhirError
 from .negotiation import JSON_BODY_TYPES, body_media_type, fhir_json_response, parse_json_body, read_body, wants_fhir
+from .subsetting import Subset, subset_from_params
 from .validation import validate_resource
 
 router = APIRouter()
@@ -64,7 +65,7 @@ def _not_modified(request: Request, stored: StoredResource) -> bool:
     return any(t.strip() in (stored.etag, f'"{stored.version_id}"', "*") for t in tags.split(","))
 
 
-def read_response(request: Request, stored: StoredResource) -> Response:
+def read_response(request: Request, stored: StoredResource, subset: Subset | None = None) -> Response:
     headers = resource_headers(request, stored)
     if _not_modified(request, stored):
         return Response(status_code=304, headers=headers)
@@ -77,7 +78,8 @@ def read_response(request: Request, stored: StoredResource) -> Response:
         # stored bytes are user content: never let a browser sniff or run them on our origin
         headers |= {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
         return Response(content, media_type=stored.resource.get("contentType") or "application/octet-stream", headers=headers)
-    return fhir_json_response(request, stored.resource, headers=headers)
+    resource = subset.apply(stored.resource) if subset is not None else stored.resource
+    return fhir_json_response(request, resource, headers=headers)
 
 
 def _gone(exc: ResourceGone, resource_type: str, resource_id: str) -> FhirError:
@@ -88,21 +90,23 @@ def _gone(exc: ResourceGone, resource_type: str, resource_id: str) -> FhirError:
 @router.get("/{resource_type}/{resource_id}", summary="read")
 async def read(resource_type: str, resource_id: str, request: Request) -> Response:
     check_type(resource_type)
+    subset = subset_from_params(request.query_params.multi_items())
     try:
         stored = await run_in_threadpool(get_store(request).read, resource_type, resource_id)
     except ResourceGone as exc:
         raise _gone(exc, resource_type, resource_id) from None
-    return read_response(request, stored)
+    return read_response(request, stored, subset)
 
 
 @router.get("/{resource_type}/{resource_id}/_history/{version_id}", summary="vread")
 async def vread(resource_type: str, resource_id: str, version_id: str, request: Request) -> Response:
     check_type(resource_type)
+    subset = subset_from_params(request.query_params.multi_items())
     try:
         stored = await run_in_threadpool(get_store(request).vread, resource_type, resource_id, version_id)
     except ResourceGone as exc:
         raise _gone(exc, resource_type, f"{resource_id}/_history/{version_id}") from None
-    return read_response(request, stored)
+    return read_response(request, stored, subset)
 
 
 @router.post("/{resource_type}", summary="create (If-None-Exist for conditional create)")

@@ -18,16 +18,17 @@ from .common import base_url, get_store
 from .crud import check_type
 from .exceptions import FhirError
 from .negotiation import fhir_json_response
+from .subsetting import Subset, subset_from_params
 
 router = APIRouter()
 
 _STATUS = {"create": "201 Created", "update": "200 OK", "delete": "204 No Content"}
 
 
-def history_entry(base: str, stored: StoredResource) -> dict[str, Any]:
+def history_entry(base: str, stored: StoredResource, subset: Subset | None = None) -> dict[str, Any]:
     entry: dict[str, Any] = {"fullUrl": f"{base}/{stored.resource_type}/{stored.id}"}
     if stored.resource is not None:
-        entry["resource"] = stored.resource
+        entry["resource"] = subset.apply(stored.resource) if subset is not None else stored.resource
     method = {"create": "POST", "update": "PUT", "delete": "DELETE"}[stored.method]
     entry["request"] = {"method": method, "url": stored.resource_type if method == "POST" else stored.reference}
     entry["response"] = {
@@ -60,6 +61,7 @@ def _params(request: Request) -> tuple[int, int, datetime | None]:
 
 def _bundle(request: Request, path: str, resource_type: str | None, resource_id: str | None) -> dict[str, Any]:
     count, offset, since = _params(request)
+    subset = subset_from_params(request.query_params.multi_items(), allow_count=True)
     page = get_store(request).history(resource_type, resource_id, since=since, count=count, offset=offset)
     base = base_url(request)
 
@@ -80,8 +82,8 @@ def _bundle(request: Request, path: str, resource_type: str | None, resource_id:
         "total": page.total,
         "link": links,
     }
-    if page.entries:
-        bundle["entry"] = [history_entry(base, e) for e in page.entries]
+    if page.entries and subset.summary != "count":
+        bundle["entry"] = [history_entry(base, e, subset) for e in page.entries]
     return bundle
 
 

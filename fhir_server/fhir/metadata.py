@@ -20,6 +20,12 @@ FHIR_VERSION = "4.0.1"
 OPERATION_TYPES = ("Media", "ImagingStudy")  # $analyze, published as OperationDefinition/<Type>-analyze
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type")
+# R4 has no SearchParameter resources for the result parameters, so they can only be told in prose
+RESULT_PARAMETERS = (
+    "Search, read, vread and history honour _summary (true, text, data, false; count on search and history) "
+    "and _elements (top-level names; _include'd resources stay whole); reduced resources carry the "
+    "v3-ObservationValue SUBSETTED tag. _summary other than false/count cannot be combined with _elements (400)."
+)
 
 
 def operation_definition_url(base: str, resource_type: str) -> str:
@@ -123,7 +129,10 @@ def capability_statement(request: Request) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "documentation": "Chest X-ray AI: POST Media or ImagingStudy to $analyze for a DiagnosticReport with Observations",
+                "documentation": (
+                    "Chest X-ray AI: POST Media or ImagingStudy to $analyze for a DiagnosticReport with Observations. "
+                    + RESULT_PARAMETERS
+                ),
                 "security": security,
                 "resource": [_resource(base, rtype) for rtype in SUPPORTED_TYPES],
                 "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],

@@ -16,16 +16,21 @@ from .common import base_url, get_store, parse_prefer
 from .crud import check_type, max_body
 from .exceptions import FhirError
 from .negotiation import body_media_type, fhir_json_response, read_body
+from .subsetting import Subset, check_subset
 
 router = APIRouter()
 
 _PAGING = ("_count", "_offset")
 
 
-def entry_for(base: str, stored: StoredResource, mode: str) -> dict[str, Any]:
+def entry_for(base: str, stored: StoredResource, mode: str, subset: Subset | None = None) -> dict[str, Any]:
+    resource = stored.resource
+    if subset is not None:
+        # the spec scopes _elements to the matches; _summary covers included resources as well
+        resource = subset.apply(resource, elements=mode == "match")
     return {
         "fullUrl": f"{base}/{stored.resource_type}/{stored.id}",
-        "resource": stored.resource,
+        "resource": resource,
         "search": {"mode": mode},
     }
 
@@ -61,8 +66,9 @@ def searchset(base: str, query: SearchQuery, result: SearchResult) -> dict[str, 
             links.append({"relation": "next", "url": _link(base, query, query.offset + query.count)})
         last = ((result.total - 1) // query.count) * query.count if result.total else 0
         links.append({"relation": "last", "url": _link(base, query, last)})
-    entries = [entry_for(base, m, "match") for m in result.matches]
-    entries += [entry_for(base, m, "include") for m in result.included]
+    subset = Subset(query.summary, tuple(query.elements) if query.elements else None)
+    entries = [entry_for(base, m, "match", subset) for m in result.matches]
+    entries += [entry_for(base, m, "include", subset) for m in result.included]
     if query.ignored:
         entries.append({"fullUrl": f"urn:uuid:{new_id()}", "resource": ignored_outcome(query.ignored), "search": {"mode": "outcome"}})
     bundle: dict[str, Any] = {
@@ -78,10 +84,17 @@ def searchset(base: str, query: SearchQuery, result: SearchResult) -> dict[str, 
     return bundle
 
 
-def run_search(request: Request, resource_type: str, items: list[tuple[str, str]]) -> dict[str, Any]:
-    check_type(resource_type)
+def parse_query(request: Request, resource_type: str, items: list[tuple[str, str]]) -> SearchQuery:
+    """The SearchQuery of `items`, its _summary/_elements combination checked before any work."""
     strict = parse_prefer(request).handling == "strict"
     query = parse_search(resource_type, items, strict=strict)
+    check_subset(query.summary, query.elements, allow_count=True)
+    return query
+
+
+def run_search(request: Request, resource_type: str, items: list[tuple[str, str]]) -> dict[str, Any]:
+    check_type(resource_type)
+    query = parse_query(request, resource_type, items)
     result = get_store(request).search(query)
     return searchset(base_url(request), query, result)
 

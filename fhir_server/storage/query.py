@@ -61,6 +61,7 @@ class SearchQuery:
     count: int = DEFAULT_COUNT
     offset: int = 0
     summary: str | None = None  # "count" | "true" | "false" | "data" | "text"
+    elements: list[str] | None = None  # _elements names, applied by the REST layer
     include: list[Include] = field(default_factory=list)
     revinclude: list[Include] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -161,7 +162,7 @@ def parse_search(
     query = SearchQuery(resource_type, count=default_count)
     for name, raw in items:
         base, _, modifier = name.partition(":")
-        if base in ("_format", "_pretty", "_elements"):
+        if base in ("_format", "_pretty"):
             continue  # presentation, handled by the REST layer
         if base == "_count":
             query.count = min(_parse_int("_count", raw, 0), max_count)
@@ -171,6 +172,9 @@ def parse_search(
             if raw not in ("count", "true", "false", "data", "text"):
                 raise InvalidSearch(f"_summary must be one of count, true, false, data, text; not {raw!r}")
             query.summary = raw
+        elif base == "_elements":
+            # names only: which exist for the type is the REST layer's business (unknown ones are ignored)
+            query.elements = (query.elements or []) + [n.strip() for n in raw.split(",") if n.strip()]
         elif base == "_total":
             if raw not in ("none", "estimate", "accurate"):
                 raise InvalidSearch(f"_total must be none, estimate or accurate; not {raw!r}")
