@@ -102,8 +102,10 @@ def required_permissions(method: str, path: str) -> list[tuple[str, str]]:
     if not head[:1].isupper():
         return []  # e.g. job polling: a valid token is enough
     rtype, rest = head, parts[1:]
-    if any(p.startswith("$") for p in rest):
+    if "$analyze" in rest:  # writes a DiagnosticReport and its results
         return [(rtype, "r"), ("DiagnosticReport", "c")]
+    if any(p.startswith("$") for p in rest):  # e.g. CodeSystem/$lookup: reads only
+        return [(rtype, "r")]
     if not rest:
         return [(rtype, "s" if method in ("GET", "HEAD") else "c")]
     if rest[0] == "_search":

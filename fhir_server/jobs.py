@@ -35,6 +35,7 @@ from fastapi.responses import Response
 from fhir.resources.R4B.task import Task
 from starlette.concurrency import run_in_threadpool
 
+import mappings
 from fhir_server.errors import operation_outcome
 from fhir_server.fhir.common import information_outcome
 from fhir_server.fhir.negotiation import fhir_json_response
@@ -46,7 +47,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Json = dict[str, Any]
-TASK_CODE_SYSTEM = "http://cxr-fhir.org/fhir/CodeSystem/cxr-operations"
+# Task.code comes from mappings/operations.json, the table the server also publishes as
+# CodeSystem/cxr-operations: a Task can carry no code that a client cannot look up.
+TASK_CODE_SYSTEM = mappings.operations_code_system_url()
+ANALYZE_CODE = mappings.operation_code("analyze")
 FINISHED_TTL_S = 3600.0
 MAX_FINISHED_JOBS = 500
 ACTIVE = ("requested", "in-progress")
@@ -134,7 +138,7 @@ def build_task(job_id: str, req: operations.AnalyzeRequest) -> Json:
         "status": "requested",
         "intent": "order",
         "code": {
-            "coding": [{"system": TASK_CODE_SYSTEM, "code": "analyze", "display": "$analyze"}],
+            "coding": [ANALYZE_CODE.coding()],
             "text": f"{req.resource_type}/$analyze",
         },
         "authoredOn": _now(),
@@ -319,7 +323,7 @@ def fail_interrupted_tasks(repo: Repository) -> int:
     while True:
         with repo.transaction() as tx:
             found = tx.search_params(
-                "Task", [("status", ",".join(ACTIVE)), ("code", f"{TASK_CODE_SYSTEM}|analyze"), ("_count", "100")]
+                "Task", [("status", ",".join(ACTIVE)), ("code", f"{ANALYZE_CODE.system}|{ANALYZE_CODE.code}"), ("_count", "100")]
             ).matches
             for stored in found:
                 if stored.resource is None:

@@ -60,6 +60,11 @@ def loinc_table() -> dict[str, Any]:
     return _load("loinc.json")
 
 
+@lru_cache(maxsize=1)
+def operations_table() -> dict[str, Any]:
+    return _load("operations.json")
+
+
 def _code(d: dict[str, Any]) -> Code:
     return Code(d["system"], d["code"], d["display"], bool(d.get("verified", True)), d.get("note"))
 
@@ -156,18 +161,20 @@ def local_part_code(name: str) -> Code:
     return Code(table["system"], table[name]["code"], table[name]["display"])
 
 
+def operations_code_system_url() -> str:
+    return operations_table()["codeSystem"]["url"]
+
+
+def operation_code(name: str) -> Code:
+    """Our code for an operation the server runs (Task.code), see operations.json. A KeyError for
+    an unknown name is deliberate: every code a Task carries must be in the published CodeSystem."""
+    entry = operations_table()["codes"][name]
+    return Code(operations_code_system_url(), name, entry["display"])
+
+
 def code_system_resource() -> dict[str, Any]:
-    """Our findings CodeSystem as a FHIR R4 CodeSystem resource (so the local codes resolve)."""
-    cs = findings_table()["codeSystem"]
-    return {
-        "resourceType": "CodeSystem",
-        "id": "cxr-findings",
-        "url": cs["url"],
-        "version": cs["version"],
-        "name": cs["name"],
-        "title": cs["title"],
-        "status": "active",
-        "content": "complete",
-        "caseSensitive": True,
-        "concept": [{"code": f.label, "display": f.display} for f in all_findings().values()],
-    }
+    """Our findings CodeSystem as a FHIR R4 CodeSystem resource (so the local codes resolve);
+    built by mappings.codesystems, the one builder the server publishes too."""
+    from .codesystems import findings_code_system
+
+    return findings_code_system()

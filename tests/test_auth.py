@@ -90,6 +90,7 @@ def test_scopes_decide_interactions(secured):
     assert secured.get("/fhir/_history", headers=bearer("reader")).status_code == 200
     # an operation reads its input and writes a report
     assert required_permissions("POST", "/fhir/Media/$analyze") == [("Media", "r"), ("DiagnosticReport", "c")]
+    assert required_permissions("GET", "/fhir/CodeSystem/$lookup") == [("CodeSystem", "r")]  # reads only
 
 
 def test_transaction_entries_are_authorized_one_by_one(secured):

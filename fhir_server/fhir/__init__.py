@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from fhir_server.auth import add_cors, require_auth
 from fhir_server.storage import Repository
 
-from . import bundles, crud, history, metadata, search
+from . import bundles, codesystems, crud, history, metadata, search
 from .common import install_fhir_error_handlers
 from .negotiation import check_format
 
@@ -47,6 +47,8 @@ def build_router() -> APIRouter:
     operations = _operations_router()
     if operations is not None:
         router.include_router(operations)
+    # read-only CodeSystems: before search/crud, whose /{type} routes would answer 404 not-supported
+    router.include_router(codesystems.router)
     router.include_router(search.router)
     router.include_router(crud.router)
     return router

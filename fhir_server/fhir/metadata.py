@@ -83,6 +83,40 @@ def _resource(base: str, rtype: str) -> dict[str, Any]:
     return res
 
 
+def _code_system_resource() -> dict[str, Any]:
+    """CodeSystem: our own terminology (cxr-findings, cxr-operations, cxr-result-parts), served read-only by
+    codesystems.py from the tables the resources are coded from; not a stored type."""
+    from .codesystems import SEARCH_PARAMS
+
+    return {
+        "type": "CodeSystem",
+        "profile": "http://hl7.org/fhir/StructureDefinition/CodeSystem",
+        "documentation": (
+            "Read-only: the server's own CodeSystems (" + ", ".join(published_code_system_urls()) + "), "
+            "generated from its terminology tables; write interactions answer 405. "
+            "GET CodeSystem/$lookup?system=&code= (R4 CodeSystem-lookup) returns name, version and display."
+        ),
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "versioning": "no-version",
+        "readHistory": False,
+        "updateCreate": False,
+        "conditionalCreate": False,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchParam": [
+            {"name": name, "definition": definition, "type": type_, "documentation": doc}
+            for name, (type_, definition, doc) in SEARCH_PARAMS.items()
+        ],
+    }
+
+
+def published_code_system_urls() -> list[str]:
+    from .codesystems import published
+
+    return [cs["url"] for cs in published().values()]
+
+
 def capability_statement(request: Request) -> dict[str, Any]:
     base = base_url(request)
     settings = request.app.state.settings
@@ -134,7 +168,7 @@ def capability_statement(request: Request) -> dict[str, Any]:
                     + RESULT_PARAMETERS
                 ),
                 "security": security,
-                "resource": [_resource(base, rtype) for rtype in SUPPORTED_TYPES],
+                "resource": [*(_resource(base, rtype) for rtype in SUPPORTED_TYPES), _code_system_resource()],
                 "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
                 "searchParam": _search_params(""),
             }
@@ -151,6 +185,7 @@ def smart_configuration(request: Request) -> dict[str, Any]:
     settings = request.app.state.settings
     scopes = ["system/*.rs", "system/*.cruds", "system/*.read", "system/*.write"]
     scopes += [f"system/{t}.rs" for t in SUPPORTED_TYPES] + [f"system/{t}.cruds" for t in SUPPORTED_TYPES]
+    scopes.append("system/CodeSystem.rs")  # read-only: no .cruds (writes answer 405)
     config: dict[str, Any] = {
         "grant_types_supported": ["client_credentials"],
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],
