@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -31,7 +31,7 @@ from .common import base_url, parse_prefer
 from .crud import max_body
 from .exceptions import FhirError
 from .negotiation import body_media_type, fhir_json_response, parse_json_body, read_body
-from .search import ignored_outcome
+from .search import ignored_outcome, search_items
 from .subsetting import Subset, subset_from_params
 
 Json = dict[str, Any]
@@ -227,16 +227,7 @@ async def search_get(request: Request) -> Response:
 
 @router.post("/CodeSystem/_search", include_in_schema=False)
 async def search_post(request: Request) -> Response:
-    media = body_media_type(request)
-    raw = await read_body(request, max_bytes=max_body(request))
-    if raw.strip() and media != "application/x-www-form-urlencoded":
-        raise FhirError(415, f"POST _search takes application/x-www-form-urlencoded, not {media}", code="not-supported")
-    try:
-        form = parse_qsl(raw.decode("utf-8"), keep_blank_values=True)
-    except UnicodeDecodeError:
-        raise FhirError(400, "the form body is not UTF-8", code="structure") from None
-    items = list(request.query_params.multi_items()) + form
-    return fhir_json_response(request, search_code_systems(request, items))
+    return fhir_json_response(request, search_code_systems(request, await search_items(request)))
 
 
 @router.get("/CodeSystem/{cs_id}", include_in_schema=False)

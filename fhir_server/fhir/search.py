@@ -105,9 +105,8 @@ async def search_get(resource_type: str, request: Request) -> Response:
     return fhir_json_response(request, bundle)
 
 
-@router.post("/{resource_type}/_search", summary="search-type (form body)")
-async def search_post(resource_type: str, request: Request) -> Response:
-    check_type(resource_type)
+async def search_items(request: Request) -> list[tuple[str, str]]:
+    """The parameters of POST [type]/_search: the query string's, then the form body's."""
     media = body_media_type(request)
     raw = await read_body(request, max_bytes=max_body(request))
     if raw.strip() and media != "application/x-www-form-urlencoded":
@@ -116,5 +115,11 @@ async def search_post(resource_type: str, request: Request) -> Response:
         form = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
     except UnicodeDecodeError:
         raise FhirError(400, "the form body is not UTF-8", code="structure") from None
-    items = list(request.query_params.multi_items()) + form
+    return list(request.query_params.multi_items()) + form
+
+
+@router.post("/{resource_type}/_search", summary="search-type (form body)")
+async def search_post(resource_type: str, request: Request) -> Response:
+    check_type(resource_type)
+    items = await search_items(request)
     return fhir_json_response(request, await run_in_threadpool(run_search, request, resource_type, items))
