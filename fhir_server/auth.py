@@ -106,8 +106,8 @@ def required_permissions(method: str, path: str) -> list[tuple[str, str]]:
         return [(rtype, "r"), ("DiagnosticReport", "c")]
     if any(p.startswith("$") for p in rest):  # e.g. CodeSystem/$lookup: reads only
         return [(rtype, "r")]
-    if not rest:
-        return [(rtype, "s" if method in ("GET", "HEAD") else "c")]
+    if not rest:  # type level: search, create, or conditional update / delete ([type]?criteria)
+        return [(rtype, {"GET": "s", "HEAD": "s", "PUT": "u", "DELETE": "d"}.get(method, "c"))]
     if rest[0] == "_search":
         return [(rtype, "s")]
     if rest[0] == "_history" or method in ("GET", "HEAD"):

@@ -165,7 +165,9 @@ def test_batch_entries_are_independent(client):
         ({"resourceType": "Patient"}, 400),
         ({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": PATIENT}]}, 400),
         ({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": PATIENT, "request": {"method": "FETCH", "url": "Patient"}}]}, 422),
-        ({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": PATIENT, "request": {"method": "PUT", "url": "Patient?identifier=x"}}]}, 400),
+        # conditional update works (tests/test_fhir_conditional.py); an id AND criteria do not
+        ({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": PATIENT, "request": {"method": "PUT", "url": "Patient/x?identifier=x"}}]}, 400),
+        ({"resourceType": "Bundle", "type": "transaction", "entry": [{"request": {"method": "DELETE", "url": "Patient"}}]}, 400),
         ({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": PATIENT, "request": {"method": "POST", "url": "Observation"}}]}, 400),
     ],
 )

@@ -29,7 +29,8 @@ def test_capability_statement(client):
     for res in (by_type[t] for t in SUPPORTED_TYPES):
         assert {i["code"] for i in res["interaction"]} >= {"read", "vread", "create", "update", "delete", "search-type", "history-instance", "history-type"}
         assert res["versioning"] == "versioned" and res["readHistory"] is True
-        assert res["conditionalCreate"] is True and res["conditionalUpdate"] is False
+        assert res["conditionalCreate"] is True and res["conditionalUpdate"] is True
+        assert res["conditionalDelete"] == "single"
         names = {p["name"] for p in res["searchParam"]}
         assert {"_id", "_lastUpdated"} <= names
         assert all(p["definition"].startswith("http://hl7.org/fhir/SearchParameter/") for p in res["searchParam"])

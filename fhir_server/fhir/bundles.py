@@ -4,6 +4,10 @@ transaction: all entries in ONE database transaction; any failure -> nothing wri
 OperationOutcome naming the failing entry. Processing order DELETE, POST, PUT, GET (R4
 http.html#trules); `urn:uuid:` fullUrls of created/updated entries are resolved to the
 server-assigned Type/id in every entry; request.ifNoneExist / ifMatch are honoured.
+Conditional update / delete (`PUT|DELETE [type]?criteria`) are resolved to ids inside the same
+database transaction before anything is written, so every conditional sees the database as the
+Bundle found it, and a resolved identity that another entry also changes fails the transaction
+(R4 trules: "including resolved identities from conditional update/delete").
 batch: every entry on its own (own transaction) with its own response status.
 """
 
@@ -61,6 +65,11 @@ class Entry:
     def where(self) -> str:
         return f"Bundle.entry[{self.index}]"
 
+    @property
+    def conditional(self) -> bool:
+        """A conditional update / delete: [type]?criteria, resolved to resource_id in the transaction."""
+        return self.method in ("PUT", "DELETE") and self.query is not None
+
 
 def status_line(code: int) -> str:
     return f"{code} {HTTPStatus(code).phrase}"
@@ -97,6 +106,27 @@ def _parse_url(entry: Entry, base: str) -> None:
         raise _fail(entry, 400, f"request.url {entry.url!r} is not a supported interaction", expression=f"{entry.where}.request.url")
 
 
+def _check_write_url(entry: Entry) -> None:
+    """POST [type]; PUT and DELETE [type]/[id] or, conditional, [type]?criteria (never both: the
+    id would make the criteria meaningless, and no criteria at all would target every resource)."""
+    where = f"{entry.where}.request.url"
+    method = entry.method
+    if method == "POST":
+        if entry.query is not None or entry.resource_id:
+            raise _fail(entry, 400, f"POST {entry.url}: expected [type] (conditional create uses request.ifNoneExist)", expression=where)
+        return
+    if entry.history or entry.version_id:
+        raise _fail(entry, 400, f"{method} {entry.url}: expected [type]/[id] or [type]?[search parameters]", expression=where)
+    if entry.resource_id and entry.query is not None:
+        raise _fail(entry, 400, f"{method} {entry.url}: give either [type]/[id] or [type]?[search parameters], not both", expression=where)
+    if entry.resource_id:
+        if not ID_RE.match(entry.resource_id):
+            raise _fail(entry, 400, f"invalid id in {entry.url!r}", expression=where)
+        return
+    if not entry.query:
+        raise _fail(entry, 400, f"{method} {entry.url}: needs [type]/[id] or conditional [type]?[search parameters]", code="required", expression=where)
+
+
 def parse_entries(bundle: dict[str, Any], base: str) -> list[Entry]:
     entries = []
     for i, raw in enumerate(bundle.get("entry") or []):
@@ -122,21 +152,17 @@ def parse_entries(bundle: dict[str, Any], base: str) -> list[Entry]:
             check_type(entry.resource_type)
         except FhirError as exc:
             raise _fail(entry, exc.status_code, exc.diagnostics, code=exc.code or "not-supported", expression=f"{where}.request.url") from None
+        if method in ("POST", "PUT", "DELETE"):
+            _check_write_url(entry)
         if method in ("POST", "PUT"):
-            if entry.query is not None or (method == "POST" and entry.resource_id) or (method == "PUT" and not entry.resource_id):
-                raise _fail(entry, 400, f"{method} {entry.url}: expected {'[type]' if method == 'POST' else '[type]/[id]'} (conditional update is not supported)", expression=f"{where}.request.url")
-            if method == "PUT" and not ID_RE.match(entry.resource_id or ""):
-                raise _fail(entry, 400, f"invalid id in {entry.url!r}", expression=f"{where}.request.url")
             resource = raw.get("resource")
             if resource is None:
                 raise _fail(entry, 400, f"{method} needs entry.resource", code="required", expression=f"{where}.resource")
             entry.resource = validate_resource(resource, expected_type=entry.resource_type, prefix=f"{where}.resource")
-            if method == "PUT":
+            if method == "PUT" and not entry.conditional:
                 if entry.resource.get("id") not in (None, entry.resource_id):
                     raise _fail(entry, 400, f"resource id {entry.resource.get('id')!r} does not match {entry.url}", expression=f"{where}.resource.id")
                 entry.resource["id"] = entry.resource_id
-        elif method == "DELETE" and (entry.query is not None or not entry.resource_id):
-            raise _fail(entry, 400, "DELETE needs [type]/[id] (conditional delete is not supported)", expression=f"{where}.request.url")
         entries.append(entry)
     return entries
 
@@ -184,6 +210,8 @@ def execute(request: Request, tx: Transaction, entry: Entry, base: str) -> dict[
     """One entry inside an open transaction -> its response entry (raises on failure)."""
     rtype = entry.resource_type
     if entry.method == "DELETE":
+        if entry.resource_id is None:  # a conditional delete that matched nothing (resolve_conditional)
+            return {"response": {"status": status_line(204)}}
         tomb = tx.delete(rtype, entry.resource_id, if_match=entry.if_match)
         response: dict[str, Any] = {"status": status_line(204)}
         if tomb is not None:
@@ -219,6 +247,35 @@ def execute(request: Request, tx: Transaction, entry: Entry, base: str) -> dict[
     return {"resource": searchset(base, query, result), "response": {"status": status_line(200)}}
 
 
+def resolve_conditional(tx: Transaction, entry: Entry) -> None:
+    """Turn a conditional update / delete into a plain one by resolving its criteria to an id,
+    inside `tx` (which holds the criteria lock until it ends, so the match cannot go stale).
+    A conditional delete matching nothing keeps resource_id None: a successful no-op."""
+    if not entry.conditional or entry.extra.get("resolved"):
+        return
+    criteria = entry.query or ""
+    if entry.method == "DELETE":
+        match = tx.match_one(entry.resource_type, criteria, label="conditional delete criteria")
+        if match is None and entry.if_match:
+            raise _fail(entry, 412, f"ifMatch given, but the criteria '{criteria}' matched no {entry.resource_type}", code="conflict")
+        entry.resource_id = match.id if match is not None else None
+    else:
+        entry.resource_id = tx.conditional_update_id(entry.resource_type, criteria, entry.resource)
+        entry.resource = {**(entry.resource or {}), "id": entry.resource_id}
+    entry.extra["resolved"] = True
+
+
+def _check_overlaps(entries: list[Entry]) -> None:
+    """R4 trules: a transaction may change each resource once, resolved conditional ids included."""
+    touched: dict[tuple[str, str], int] = {}
+    for entry in entries:
+        if entry.method in ("DELETE", "PUT") and entry.resource_id:
+            key = (entry.resource_type, entry.resource_id)
+            if key in touched:
+                raise _fail(entry, 400, f"{key[0]}/{key[1]} is changed by entry {touched[key]} too; a transaction may touch each resource once")
+            touched[key] = entry.index
+
+
 def _entry_error(entry: Entry, exc: Exception) -> FhirError:
     """Any failure of one entry -> FhirError naming the entry."""
     if isinstance(exc, FhirError):
@@ -241,19 +298,18 @@ def process_transaction(request: Request, entries: list[Entry], base: str) -> li
             _authorize(request, entry)
         except HTTPException as exc:
             raise _entry_error(entry, exc) from None
-    touched: dict[tuple[str, str], int] = {}
-    for entry in entries:
-        if entry.method in ("DELETE", "PUT") and entry.resource_id:
-            key = (entry.resource_type, entry.resource_id)
-            if key in touched:
-                raise _fail(entry, 400, f"{key[0]}/{key[1]} is changed by entry {touched[key]} too; a transaction may touch each resource once")
-            touched[key] = entry.index
+    _check_overlaps(entries)  # fail fast on literal ids, before taking the write lock
     results: dict[int, dict[str, Any]] = {}
     ordered = sorted(entries, key=lambda e: (_ORDER[e.method], e.index))
     store = get_store(request)
     current: Entry | None = None
     try:
         with store.transaction() as tx:
+            for entry in ordered:  # before any write: conditionals see the database as the Bundle found it
+                current = entry
+                resolve_conditional(tx, entry)
+            current = None
+            _check_overlaps(entries)
             mapping: dict[str, str] = {}
             for entry in ordered:
                 current = entry
@@ -298,6 +354,7 @@ def process_batch(request: Request, entries: list[Entry], base: str) -> list[dic
         try:
             _authorize(request, entry)
             with store.transaction() as tx:
+                resolve_conditional(tx, entry)
                 out.append(execute(request, tx, entry, base))
         except (FhirError, StorageError, HTTPException) as exc:
             err = _entry_error(entry, exc)

@@ -1,10 +1,12 @@
-"""read, vread, create (incl. conditional), update, delete of [base]/[type]/[id]."""
+"""read, vread, create (incl. conditional), update, delete of [base]/[type]/[id], and the
+conditional update / delete of [base]/[type]?criteria (R4 http.html#cond-update, #cdelete)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -137,16 +139,52 @@ async def update(resource_type: str, resource_id: str, request: Request) -> Resp
     return write_response(request, stored, status_code=status, message=f"{'Created' if stored.created else 'Updated'} {stored.reference}")
 
 
+def delete_response(request: Request, tomb: StoredResource | None, message: str) -> Response:
+    """204, or 200 with an informational OperationOutcome under Prefer: return=OperationOutcome."""
+    headers = {"ETag": tomb.etag} if tomb is not None else {}
+    if parse_prefer(request).return_ == "OperationOutcome":
+        return fhir_json_response(request, information_outcome(message), status_code=200, headers=headers)
+    return Response(status_code=204, headers=headers)
+
+
 @router.delete("/{resource_type}/{resource_id}", summary="delete")
 async def delete(resource_type: str, resource_id: str, request: Request) -> Response:
     check_type(resource_type)
     if_match = request.headers.get("if-match") or None
     tomb = await run_in_threadpool(lambda: get_store(request).delete(resource_type, resource_id, if_match=if_match))
-    headers = {"ETag": tomb.etag} if tomb is not None else {}
     message = f"Deleted {resource_type}/{resource_id}" if tomb else f"{resource_type}/{resource_id} did not exist or was already deleted"
-    if parse_prefer(request).return_ == "OperationOutcome":
-        return fhir_json_response(request, information_outcome(message), status_code=200, headers=headers)
-    return Response(status_code=204, headers=headers)
+    return delete_response(request, tomb, message)
+
+
+def conditional_criteria(request: Request, interaction: str) -> str:
+    """The search criteria of `PUT|DELETE [type]?criteria`. None at all is a 400: a conditional
+    write must name what it targets (read as "everything", it could overwrite or delete any
+    resource of the type). The criteria themselves are checked strictly by the store."""
+    items = [(k, v) for k, v in request.query_params.multi_items() if k not in ("_format", "_pretty")]
+    if not items:
+        raise FhirError(400, f"{interaction} [type]?[search parameters] needs search parameters", code="required")
+    return urlencode(items)
+
+
+@router.put("/{resource_type}", summary="conditional update ([type]?criteria: 0 matches create, 1 updates, more 412)")
+async def conditional_update(resource_type: str, request: Request) -> Response:
+    check_type(resource_type)
+    criteria = conditional_criteria(request, "conditional update PUT")
+    resource = await incoming_resource(request, resource_type)
+    if_match = request.headers.get("if-match") or None
+    stored = await run_in_threadpool(lambda: get_store(request).conditional_update(resource_type, criteria, resource, if_match=if_match))
+    status = 201 if stored.created else 200
+    return write_response(request, stored, status_code=status, message=f"{'Created' if stored.created else 'Updated'} {stored.reference} (conditional update)")
+
+
+@router.delete("/{resource_type}", summary="conditional delete ([type]?criteria, single: more than one match 412)")
+async def conditional_delete(resource_type: str, request: Request) -> Response:
+    check_type(resource_type)
+    criteria = conditional_criteria(request, "conditional delete DELETE")
+    if_match = request.headers.get("if-match") or None
+    tomb = await run_in_threadpool(lambda: get_store(request).conditional_delete(resource_type, criteria, if_match=if_match))
+    message = f"Deleted {tomb.reference} (conditional delete)" if tomb else f"no {resource_type} matched {criteria}: nothing deleted"
+    return delete_response(request, tomb, message)
 
 
 __all__ = ["router", "check_type", "read_response", "base_url"]

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from fhir_server.storage import SUPPORTED_TYPES
-from fhir_server.storage.params import COMMON, SEARCH_PARAMS, reference_params
+from fhir_server.storage.params import COMMON, SEARCH_PARAMS
 
 from .common import base_url
 from .negotiation import fhir_json_response
+from .reference_targets import search_includes, search_rev_includes
 
 router = APIRouter()
 smart_router = APIRouter()
@@ -53,7 +54,6 @@ def _search_params(rtype: str) -> list[dict[str, Any]]:
 
 
 def _resource(base: str, rtype: str) -> dict[str, Any]:
-    refs = reference_params(rtype)
     res: dict[str, Any] = {
         "type": rtype,
         "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
@@ -63,18 +63,16 @@ def _resource(base: str, rtype: str) -> dict[str, Any]:
         "updateCreate": True,
         "conditionalCreate": True,
         "conditionalRead": "not-supported",
-        "conditionalUpdate": False,
-        "conditionalDelete": "not-supported",
+        "conditionalUpdate": True,
+        "conditionalDelete": "single",
         "referencePolicy": ["literal", "local"],
     }
-    if refs:
-        res["searchInclude"] = [f"{rtype}:{name}" for name in refs] + [f"{rtype}:*"]
-    rev = sorted(
-        f"{source}:{name}"
-        for source in SUPPORTED_TYPES
-        for name, p in reference_params(source).items()
-        if not p.targets or rtype in p.targets
-    )
+    # R4: searchInclude = rtype's own reference parameters; searchRevInclude = Source:param whose
+    # targets include rtype (both limited to stored types, see reference_targets.py)
+    includes = search_includes(rtype)
+    if includes:
+        res["searchInclude"] = includes
+    rev = search_rev_includes(rtype)
     if rev:
         res["searchRevInclude"] = rev
     res["searchParam"] = _search_params(rtype)

@@ -20,6 +20,9 @@ API (everything the REST layer and `$analyze` need):
         tx.find("ImagingStudy", "identifier=urn:dicom:uid|urn:oid:1.2.3")       # list (max 2)
         tx.create(study, if_none_exist="identifier=urn:dicom:uid|urn:oid:1.2.3") # conditional
                                        # (race-free: concurrent identical conditions serialise)
+        tx.conditional_update("ImagingStudy", "identifier=...", study, if_match=None)  # 0 -> create,
+        tx.conditional_delete("Media", "identifier=...")        # 1 -> update/delete, more -> 412
+        tx.match_one("Media", "identifier=...")                  # the single match or None (locks)
         tx.search_params("Observation", [("patient", "Patient/1"), ("code", "sys|c")])
         tx.history("DiagnosticReport", report_id)
 
@@ -43,7 +46,8 @@ API (everything the REST layer and `$analyze` need):
 Errors (fhir_server.storage.errors; each has .http_status, .issue_code, .message):
     UnsupportedResourceType 404, InvalidResource 400, ResourceNotFound 404, ResourceGone 410,
     ResourceExists 409, VersionConflict 409 (concurrent write), PreconditionFailed 412
-    (If-Match mismatch, conditional create with >1 match), InvalidSearch 400,
+    (If-Match mismatch, conditional create/update/delete with >1 match), InvalidSearch 400
+    (also conditional criteria that are empty, unknown or only shape the result),
     StorageBusy 503 (SQLite still locked after the 30 s busy timeout).
 
 Storage does not validate resource content: validate at the edge (fhir_server.fhir.validation).

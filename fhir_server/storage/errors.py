@@ -55,7 +55,7 @@ class VersionConflict(StorageError):
 
 
 class PreconditionFailed(StorageError):
-    """If-Match did not match, or a conditional create matched more than one resource."""
+    """If-Match did not match, or conditional criteria matched more than one resource."""
 
     http_status = 412
     issue_code = "conflict"

@@ -20,6 +20,7 @@ from sqlmodel import Session
 from .engine import WRITE_OPTION, create_tables, make_engine
 from .errors import (
     InvalidResource,
+    InvalidSearch,
     PreconditionFailed,
     ResourceExists,
     ResourceGone,
@@ -30,7 +31,7 @@ from .errors import (
 )
 from .indexing import index_rows
 from .params import SUPPORTED_TYPES
-from .query import SearchQuery, parse_search
+from .query import RESULT_PARAMS, SearchQuery, parse_search
 from .search import order_by, where_clauses
 from .tables import ResourceVersion as RV
 from .tables import SearchIndex as SI
@@ -40,6 +41,8 @@ ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _ETAG_RE = re.compile(r'^\s*(?:W/)?"?([0-9]+)"?\s*$')
 
 _ONE_MS = timedelta(milliseconds=1)
+# presentation parameters may ride along on a conditional request's URL; they select nothing
+_PRESENTATION = ("_format", "_pretty")
 # _include/_revinclude of one page never returns more than this (a popular target would otherwise
 # drag thousands of Provenances into a 20-entry page)
 MAX_INCLUDED = 1000
@@ -283,13 +286,51 @@ class Transaction:
 
     def find(self, resource_type: str, criteria: str, *, limit: int = 2) -> list[StoredResource]:
         """Matches of a search query string ('identifier=sys|val&status=final'), strict: the
-        conditional-create form, where an ignored parameter would silently match too much."""
-        items = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
-        if not items:
-            raise PreconditionFailed("the conditional criteria are empty")
+        form of every conditional interaction, where an ignored parameter would silently match
+        too much. Criteria must select (at least one search parameter) and may not shape the
+        result (_count, _sort, _summary=count ... would change what "a match" means)."""
+        items = [(k, v) for k, v in parse_qsl(criteria.lstrip("?"), keep_blank_values=True) if k not in _PRESENTATION]
+        shaping = sorted({k for k, _ in items if k.partition(":")[0] in RESULT_PARAMS})
+        if shaping:
+            raise InvalidSearch(f"conditional criteria cannot use the result parameter(s) {', '.join(shaping)}")
         query = parse_search(resource_type, items, strict=True)
+        if not query.criteria:
+            raise InvalidSearch(f"conditional criteria for {resource_type} name no search parameter (they would match every resource)")
         query.count, query.offset, query.include, query.revinclude = limit, 0, [], []
         return self.search(query).matches
+
+    def match_one(self, resource_type: str, criteria: str, *, label: str = "conditional criteria") -> StoredResource | None:
+        """The single current match of `criteria` (None when none), holding the criteria lock
+        until this transaction ends so that the caller's write cannot race a twin request;
+        more than one match -> PreconditionFailed (R4: criteria not selective enough)."""
+        self.lock_criteria(resource_type, criteria)
+        found = self.find(resource_type, criteria)
+        if len(found) > 1:
+            raise PreconditionFailed(f"{label} '{criteria}' matched more than one {resource_type}; make the criteria more selective")
+        return found[0] if found else None
+
+    def conditional_update_id(self, resource_type: str, criteria: str, resource: Any) -> str:
+        """The id a conditional update (R4 http.html#cond-update) writes to: the single match
+        (the body id, if any, must be it), else the body id (update-as-create, as plain PUT
+        does here) when no other resource holds it, else a new id. Locks the criteria."""
+        body_id = _as_dict(resource).get("id")
+        match = self.match_one(resource_type, criteria, label="conditional update criteria")
+        if match is not None:
+            if body_id not in (None, match.id):
+                raise InvalidResource(
+                    f"the body id {body_id!r} is not the id of the resource the criteria matched ({match.reference})", expression=["id"]
+                )
+            return match.id
+        if body_id is None:
+            return new_id()
+        _check_id(body_id)
+        if self.read_or_none(resource_type, body_id) is not None:
+            # updating it would change a resource the client's criteria say is not the one meant
+            raise InvalidResource(
+                f"the criteria matched no {resource_type}, but the body id names {resource_type}/{body_id}, which does not match them",
+                expression=["id"],
+            )
+        return body_id
 
     # ---- writes ------------------------------------------------------------------------
     def lock_criteria(self, resource_type: str, criteria: str) -> None:
@@ -352,12 +393,9 @@ class Transaction:
             raise InvalidResource("resource has no resourceType", expression=["resourceType"])
         _check_type(resource_type)
         if if_none_exist:
-            self.lock_criteria(resource_type, if_none_exist)
-            found = self.find(resource_type, if_none_exist)
-            if len(found) > 1:
-                raise PreconditionFailed(f"If-None-Exist '{if_none_exist}' matched more than one {resource_type}")
-            if found:
-                return found[0]
+            found = self.match_one(resource_type, if_none_exist, label="If-None-Exist")
+            if found is not None:
+                return found
         rid = resource_id or new_id()
         _check_id(rid)
         previous = self._current(resource_type, rid)
@@ -400,6 +438,25 @@ class Transaction:
         if previous is None or previous.deleted:
             return None
         return self._write(resource_type, resource_id, None, "delete", previous)
+
+    def conditional_update(self, resource_type: str, criteria: str, resource: Any, *, if_match: str | int | None = None) -> StoredResource:
+        """R4 conditional update `PUT [type]?criteria`: 0 matches -> create (created=True; the
+        body id is used if free), 1 -> new version of it, more -> PreconditionFailed. Match and
+        write share this transaction and the criteria lock: twins cannot both create."""
+        _check_type(resource_type)
+        target = self.conditional_update_id(resource_type, criteria, resource)
+        return self.update(resource_type, target, {**_as_dict(resource), "id": target}, if_match=if_match)
+
+    def conditional_delete(self, resource_type: str, criteria: str, *, if_match: str | int | None = None) -> StoredResource | None:
+        """R4 conditional delete `DELETE [type]?criteria` ("single"): 0 matches -> None (nothing
+        to do), 1 -> its deletion version, more -> PreconditionFailed."""
+        _check_type(resource_type)
+        match = self.match_one(resource_type, criteria, label="conditional delete criteria")
+        if match is None:
+            if if_match is not None:
+                raise PreconditionFailed(f"If-Match {if_match} given, but the criteria '{criteria}' matched no {resource_type}")
+            return None
+        return self.delete(resource_type, match.id, if_match=if_match)
 
 
 
@@ -455,6 +512,14 @@ class Repository:
     def delete(self, resource_type: str, resource_id: str, **kwargs: Any) -> StoredResource | None:
         with self.transaction() as tx:
             return tx.delete(resource_type, resource_id, **kwargs)
+
+    def conditional_update(self, resource_type: str, criteria: str, resource: Any, **kwargs: Any) -> StoredResource:
+        with self.transaction() as tx:
+            return tx.conditional_update(resource_type, criteria, resource, **kwargs)
+
+    def conditional_delete(self, resource_type: str, criteria: str, **kwargs: Any) -> StoredResource | None:
+        with self.transaction() as tx:
+            return tx.conditional_delete(resource_type, criteria, **kwargs)
 
     def read(self, resource_type: str, resource_id: str) -> StoredResource:
         with self.transaction(write=False) as tx:
