@@ -29,6 +29,14 @@ RESULT_PARAMETERS = (
 )
 
 
+# R4 CapabilityStatement has no element for chaining (searchParam.chain is R5): say it in prose
+CHAINING = (
+    " Reference search parameters can be chained one level deep (R4 search.html#chaining): "
+    "ref.param=value or ref:Type.param=value, e.g. DiagnosticReport?patient.identifier=urn:mrn|123; "
+    "without :Type every stored target type defining the parameter is searched."
+)
+
+
 def operation_definition_url(base: str, resource_type: str) -> str:
     """The canonical of the $analyze OperationDefinition of a type: the `url` the operations
     module publishes (one source of truth), else [base]/OperationDefinition/<Type>-analyze."""
@@ -164,6 +172,7 @@ def capability_statement(request: Request) -> dict[str, Any]:
                 "documentation": (
                     "Chest X-ray AI: POST Media or ImagingStudy to $analyze for a DiagnosticReport with Observations. "
                     + RESULT_PARAMETERS
+                    + CHAINING
                 ),
                 "security": security,
                 "resource": [*(_resource(base, rtype) for rtype in SUPPORTED_TYPES), _code_system_resource()],

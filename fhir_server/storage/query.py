@@ -3,6 +3,12 @@
 Unknown parameters are collected in `SearchQuery.ignored` (lenient handling) or raise
 InvalidSearch (strict). Bad values, unknown modifiers and bad prefixes are always 400: guessing
 what a malformed criterion meant would silently return wrong results.
+
+Chained parameters (R4 search.html#chaining), one level deep: `subject.name=x` or
+`subject:Patient.identifier=sys|v` become a ChainedCriterion. Without `:Type` every stored type the
+reference parameter can point to and that defines the chained parameter is searched (ORed); the
+chained value is parsed exactly like a direct search on that type. An unknown chained parameter and
+a deeper chain (`a.b.c`) are handled like unknown parameters (strict 400, lenient ignored).
 """
 
 from __future__ import annotations
@@ -44,6 +50,15 @@ class Criterion:
 
 
 @dataclass(frozen=True)
+class ChainedCriterion:
+    """`ref.chained=value`: resources whose reference parameter `param` points to a current
+    resource of one of the `targets` types matching that type's criterion (targets are ORed)."""
+
+    param: SearchParam  # the reference parameter of the searched type
+    targets: tuple[tuple[str, Criterion], ...]  # (target type, criterion on that type)
+
+
+@dataclass(frozen=True)
 class Include:
     source_type: str
     param: str  # a reference parameter name of source_type, or "*"
@@ -56,7 +71,7 @@ class Include:
 @dataclass
 class SearchQuery:
     resource_type: str
-    criteria: list[Criterion] = field(default_factory=list)
+    criteria: list[Criterion | ChainedCriterion] = field(default_factory=list)
     sort: list[tuple[SearchParam, bool]] = field(default_factory=list)  # (param, descending)
     count: int = DEFAULT_COUNT
     offset: int = 0
@@ -113,6 +128,69 @@ def _check_value(param: SearchParam, modifier: str | None, value: str) -> None:
             float(text)
         except ValueError as exc:
             raise InvalidSearch(f"invalid number for {param.name!r}: {text!r}") from exc
+
+
+def _criterion(param: SearchParam, modifier: str, raw: str) -> Criterion:
+    """A known parameter's criterion, its modifier and every value checked (400 when malformed)."""
+    mod = modifier or None
+    if mod is not None:
+        allowed = _MODIFIERS.get(param.type, set())
+        if param.type == "reference" and mod in SUPPORTED_TYPES:
+            pass  # subject:Patient=123
+        elif mod not in allowed:
+            raise InvalidSearch(f"modifier :{mod} is not supported on {param.type} parameter {param.name!r}")
+    values = split_values(raw)
+    for value in values:
+        _check_value(param, mod, value)
+    return Criterion(param, mod, tuple(values))
+
+
+def _unsupported(problem: str, name: str, *, strict: bool, ignored: list[str]) -> None:
+    """An unknown or unsupported parameter: 400 under handling=strict, else reported as ignored."""
+    if strict:
+        raise InvalidSearch(problem)
+    ignored.append(name)
+
+
+def _chain_types(resource_type: str, ref: SearchParam, type_modifier: str) -> tuple[str, ...]:
+    """The stored types `ref` may be chained through: the `:Type` given, else all its targets."""
+    # imported here: fhir_server.fhir imports this package, so a module-level import would cycle
+    from fhir_server.fhir.reference_targets import reference_targets
+
+    possible = reference_targets(resource_type, ref.name)
+    if not type_modifier:
+        return possible
+    if type_modifier not in SUPPORTED_TYPES:
+        raise InvalidSearch(f"modifier :{type_modifier} is not supported on reference parameter {ref.name!r} (not a resource type of this server)")
+    if type_modifier not in possible:
+        raise InvalidSearch(f"{resource_type}.{ref.name} cannot refer to a {type_modifier} (it may refer to {', '.join(possible) or 'no stored type'})")
+    return (type_modifier,)
+
+
+def _parse_chain(resource_type: str, name: str, raw: str, *, strict: bool, ignored: list[str]) -> ChainedCriterion | None:
+    """`ref[:Type].param[:modifier]` -> a ChainedCriterion; None when ignored (lenient)."""
+    head, _, chained = name.partition(".")
+    ref_name, _, type_modifier = head.partition(":")
+    ref = reference_params(resource_type).get(ref_name)
+    if ref is None:
+        kind = "not a reference search parameter" if ref_name in search_params(resource_type) else "an unknown search parameter"
+        _unsupported(f"cannot chain {name!r}: {ref_name!r} is {kind} of {resource_type}", name, strict=strict, ignored=ignored)
+        return None
+    if "." in chained:
+        _unsupported(f"chained search parameter {name!r}: only one level of chaining is supported", name, strict=strict, ignored=ignored)
+        return None
+    types = _chain_types(resource_type, ref, type_modifier)
+    chained_name, _, modifier = chained.partition(":")
+    targets = tuple(
+        (target, _criterion(search_params(target)[chained_name], modifier, raw))
+        for target in types
+        if chained_name in search_params(target)
+    )
+    if not targets:
+        problem = f"unknown chained search parameter {chained_name!r} in {name!r}: not defined on {' or '.join(types) or 'any stored type'}"
+        _unsupported(problem, name, strict=strict, ignored=ignored)
+        return None
+    return ChainedCriterion(ref, targets)
 
 
 def _parse_int(name: str, value: str, minimum: int) -> int:
@@ -197,25 +275,16 @@ def parse_search(
                 inc = _parse_include(resource_type, value, reverse=base == "_revinclude", strict=strict, ignored=query.ignored, name=base)
                 if inc is not None:
                     (query.revinclude if base == "_revinclude" else query.include).append(inc)
+        elif "." in name:  # no parameter name has a dot: this is a chain
+            chain = _parse_chain(resource_type, name, raw, strict=strict, ignored=query.ignored)
+            if chain is None:
+                continue
+            query.criteria.append(chain)
         else:
             param = known.get(base)
             if param is None:
-                if strict:
-                    raise InvalidSearch(f"unknown search parameter {base!r} for {resource_type}")
-                query.ignored.append(name)
+                _unsupported(f"unknown search parameter {base!r} for {resource_type}", name, strict=strict, ignored=query.ignored)
                 continue
-            mod = modifier or None
-            if mod is not None:
-                allowed = _MODIFIERS.get(param.type, set())
-                if param.type == "reference" and mod in SUPPORTED_TYPES:
-                    pass  # subject:Patient=123
-                elif mod not in allowed:
-                    raise InvalidSearch(f"modifier :{mod} is not supported on {param.type} parameter {base!r}")
-            values = split_values(raw)
-            for value in values:
-                _check_value(param, mod, value)
-            query.criteria.append(Criterion(param, mod, tuple(values)))
-            query.used.append((name, raw))
-            continue
+            query.criteria.append(_criterion(param, modifier, raw))
         query.used.append((name, raw))
     return query

@@ -2,15 +2,24 @@
 
 Each criterion becomes an EXISTS over the index (values ORed inside it), criteria are ANDed;
 `_id` and `_lastUpdated` are answered from the version table directly.
+
+A chained criterion (`subject:Patient.identifier=...`) is an EXISTS over the reference parameter's
+index rows whose (ref_type, ref_id) is IN a subquery selecting the ids of the current target
+resources that match the chained criterion, built by the same criterion_clause as a direct
+search (so value semantics are identical). The subquery ranges over an alias of resource_version:
+the nested EXISTS then correlates to the target row, not to the outer searched row.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import and_, exists, false, func, not_, or_, select, true
+from typing import Any
+
+from sqlalchemy import Select, and_, exists, false, func, not_, or_, select, true
+from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from .indexing import normalise_string, split_reference
-from .query import Criterion, SearchQuery, split_prefix
+from .query import ChainedCriterion, Criterion, SearchQuery, split_prefix
 from .tables import ResourceVersion as RV
 from .tables import SearchIndex as SI
 from .timeutil import parse_range
@@ -113,36 +122,64 @@ def _value_condition(crit: Criterion, value: str) -> ColumnElement:
     raise AssertionError(f"unhandled parameter type {param.type}")
 
 
-def _index_exists(resource_type: str, param_name: str, condition: ColumnElement | None) -> ColumnElement:
-    conds = [SI.resource_type == resource_type, SI.resource_id == RV.resource_id, SI.param == param_name]
+# The resource_version entity a clause correlates to: RV itself, or an aliased(RV) in a chain subquery.
+VersionTable = Any
+
+
+def _index_exists(resource_type: str, param_name: str, condition: ColumnElement | None, rv: VersionTable = RV) -> ColumnElement:
+    conds = [SI.resource_type == resource_type, SI.resource_id == rv.resource_id, SI.param == param_name]
     if condition is not None:
         conds.append(condition)
     return exists(select(SI.pk).where(*conds))
 
 
-def criterion_clause(resource_type: str, crit: Criterion) -> ColumnElement:
+def criterion_clause(resource_type: str, crit: Criterion | ChainedCriterion, rv: VersionTable = RV) -> ColumnElement:
+    """The condition on `rv` (a current row of `resource_type`) that `crit` selects."""
+    if isinstance(crit, ChainedCriterion):
+        return chain_clause(resource_type, crit, rv)
     name = crit.param.name
     if crit.modifier == "missing":
         missing = crit.values[0] == "true"
         if name in ("_id", "_lastUpdated"):
             return false() if missing else true()
-        has = _index_exists(resource_type, name, None)
+        has = _index_exists(resource_type, name, None, rv)
         return not_(has) if missing else has
     if name == "_id":
-        clause = RV.resource_id.in_(crit.values)
+        clause = rv.resource_id.in_(crit.values)
         return not_(clause) if crit.modifier == "not" else clause
     if name == "_lastUpdated":
         parts = []
         for value in crit.values:
             prefix, text = split_prefix(value)
-            parts.append(date_condition(prefix, text, RV.last_updated, RV.last_updated))
+            parts.append(date_condition(prefix, text, rv.last_updated, rv.last_updated))
         return or_(*parts)
-    match = _index_exists(resource_type, name, or_(*(_value_condition(crit, v) for v in crit.values)))
+    match = _index_exists(resource_type, name, or_(*(_value_condition(crit, v) for v in crit.values)), rv)
     return not_(match) if crit.modifier == "not" else match
 
 
-def current_rows(resource_type: str):
-    return and_(RV.resource_type == resource_type, RV.is_current == true(), RV.deleted == false())
+def _matching_ids(resource_type: str, crit: Criterion) -> Select:
+    """Ids of the current, non-deleted `resource_type` resources that `crit` selects."""
+    target = aliased(RV)
+    return select(target.resource_id).where(current_rows(resource_type, target), criterion_clause(resource_type, crit, target))
+
+
+def chain_clause(resource_type: str, chain: ChainedCriterion, rv: VersionTable = RV) -> ColumnElement:
+    """`ref.param=value`: some `ref` index row of `rv` points to a matching target resource.
+    Comparing (ref_type, ref_id) rather than the literal reference text keeps the ix_si_ref index
+    usable and treats relative, absolute and versioned references to a resource alike."""
+    ref = aliased(SI)  # distinct from the SI of the nested EXISTS inside criterion_clause
+    points_to = [
+        and_(ref.ref_type == target, ref.ref_id.in_(_matching_ids(target, crit))) for target, crit in chain.targets
+    ]
+    return exists(
+        select(ref.pk).where(
+            ref.resource_type == resource_type, ref.resource_id == rv.resource_id, ref.param == chain.param.name, or_(*points_to)
+        )
+    )
+
+
+def current_rows(resource_type: str, rv: VersionTable = RV) -> ColumnElement:
+    return and_(rv.resource_type == resource_type, rv.is_current == true(), rv.deleted == false())
 
 
 def where_clauses(query: SearchQuery) -> list[ColumnElement]:
@@ -178,4 +215,4 @@ def order_by(query: SearchQuery) -> list:
     return keys
 
 
-__all__ = ["criterion_clause", "date_condition", "order_by", "where_clauses", "current_rows"]
+__all__ = ["chain_clause", "criterion_clause", "date_condition", "order_by", "where_clauses", "current_rows"]
