@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -132,6 +133,27 @@ def base64_issues(resource: dict[str, Any], prefix: str | None = None) -> list[t
     return issues
 
 
+# R4 datatypes.html#string: no code points below 32 but tab, CR and LF. PostgreSQL also cannot store
+# U+0000 in text or jsonb: without this check such a body failed there as a 500, after validation.
+_FORBIDDEN_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def control_character_issues(value: Any, path: str) -> list[tuple[str, str, str]]:
+    issues: list[tuple[str, str, str]] = []
+    if isinstance(value, str):
+        found = _FORBIDDEN_CONTROL.search(value)
+        if found:
+            issues.append(("value", f"{path}: contains the control character U+{ord(found.group()):04X}, "
+                                    "which FHIR strings may not contain (only tab, CR and LF are allowed)", path))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            issues.extend(control_character_issues(item, f"{path}.{key}"))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            issues.extend(control_character_issues(item, f"{path}[{i}]"))
+    return issues
+
+
 def r4b_only_issues(value: Any, path: str) -> list[tuple[str, str, str]]:
     issues: list[tuple[str, str, str]] = []
     if isinstance(value, dict):
@@ -183,7 +205,7 @@ def validate_resource(body: Any, *, expected_type: str | None = None, prefix: st
             issues.append((code, f"{path}: {message}", path))
         raise FhirError(400, issues[0][1], outcome=_outcome(issues)) from None
     data = model.model_dump(mode="json")
-    issues = r4b_only_issues(body, base) + base64_issues(body, base)
+    issues = r4b_only_issues(body, base) + control_character_issues(body, base) + base64_issues(body, base)
     if issues:
         raise FhirError(400, issues[0][1], outcome=_outcome(issues))
     issues = required_code_issues(data, base)

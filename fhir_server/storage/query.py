@@ -226,6 +226,9 @@ def _parse_include(resource_type: str, value: str, *, reverse: bool, strict: boo
     return Include(source, param, target)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
 def parse_search(
     resource_type: str,
     items: Iterable[tuple[str, str]],
@@ -239,6 +242,9 @@ def parse_search(
     known = search_params(resource_type)
     query = SearchQuery(resource_type, count=default_count)
     for name, raw in items:
+        if _CONTROL.search(name) or _CONTROL.search(raw):
+            # never meaningful in a search, and PostgreSQL cannot compare text holding U+0000
+            raise InvalidSearch(f"search parameter {name!r} contains a control character")
         base, _, modifier = name.partition(":")
         if base in ("_format", "_pretty"):
             continue  # presentation, handled by the REST layer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -340,7 +341,10 @@ class Transaction:
         if self.session.get_bind().dialect.name != "postgresql":
             return
         key = resource_type + "?" + "&".join(f"{k}={v}" for k, v in sorted(parse_qsl(criteria.lstrip("?"), keep_blank_values=True)))
-        self.session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
+        # Hashed here, not by hashtextextended(): PostgreSQL text cannot hold U+0000, and criteria
+        # are client input that is validated only after the lock is taken.
+        lock_id = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big", signed=True)
+        self.session.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": lock_id})
 
     def _write(self, resource_type: str, resource_id: str, resource: dict | None, method: str, previous) -> StoredResource:
         now = utcnow()
