@@ -25,6 +25,7 @@ from fhir_server.inference import InferencePool
 from fhir_server.settings import Settings
 from ml.errors import CXRError, ModelUnavailable
 from ml.pipeline import Analyzer
+from ml.version import package_version
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def create_app(settings: Settings | None = None, *, analyzer: Analyzer | None = 
     app = FastAPI(
         title="CXR-FHIR",
         summary="FHIR R4 server for AI analysis of chest radiographs (decision support, not a diagnosis)",
-        version=_version(),
+        version=package_version(),
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -137,10 +138,3 @@ def create_app(settings: Settings | None = None, *, analyzer: Analyzer | None = 
     return app
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("cxr-fhir")
-    except PackageNotFoundError:
-        return "0.0.0"

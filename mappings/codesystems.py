@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypedDict
+
+from ml.version import package_version
 
 from . import all_findings, findings_table, loinc_table, operations_table
 
@@ -32,10 +33,7 @@ def software_version() -> str:
     """The cxr-fhir package version: the same value the CapabilityStatement reports as
     software.version. Codes change only with a release, so the release names the CodeSystem
     version and nobody has to remember to bump a number in the JSON tables."""
-    try:
-        return version("cxr-fhir")
-    except PackageNotFoundError:  # a source tree that was never installed
-        return "0.0.0"
+    return package_version()
 
 
 def code_system_id(url: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 from ml.analysis import ModelInfo
 from ml.errors import ModelUnavailable
 from ml.models.base import LoadedModel
+from ml.version import package_version
 
 BUNDLED_NAME = "cxr:pneumonia-v1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -159,13 +159,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def software_version() -> str:
-    try:
-        return importlib_metadata.version("cxr-fhir")
-    except importlib_metadata.PackageNotFoundError:
-        return "0.0.0+unknown"
-
-
 def read_manifest(weights_dir: Path) -> dict[str, Any]:
     path = weights_dir / MANIFEST_FILE
     if not path.is_file():
@@ -225,7 +218,7 @@ def load_bundled(name: str = BUNDLED_NAME, *, weights_dir: Path | None = None) -
     info = ModelInfo(
         name=BUNDLED_NAME,
         version=manifest["sha256"][:12],
-        software_version=software_version(),
+        software_version=package_version(default="0.0.0+unknown"),
         untrained=False,
         model_card_url=MODEL_CARD_URL,
     )

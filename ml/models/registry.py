@@ -7,11 +7,11 @@ instead of breaking the import of this module.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ml.errors import ModelUnavailable
 from ml.models.base import LoadedModel
+from ml.version import package_version
 
 BUNDLED = "cxr:pneumonia-v1"
 UNTRAINED = "cxr:untrained-demo"
@@ -29,10 +29,8 @@ _XRV_NAMES = (
 
 
 def software_version() -> str:
-    try:
-        return f"cxr-fhir {version('cxr-fhir')}"
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "cxr-fhir (source)"
+    installed = package_version(default="")
+    return f"cxr-fhir {installed}" if installed else "cxr-fhir (source)"
 
 
 def available_models() -> tuple[str, ...]:
