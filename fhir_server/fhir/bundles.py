@@ -28,9 +28,8 @@ from fhir_server.errors import operation_outcome
 from fhir_server.storage import StoredResource, new_id
 from fhir_server.storage.errors import ResourceGone, StorageError
 from fhir_server.storage.repository import ID_RE, Transaction
-from fhir_server.storage.timeutil import format_instant, utcnow
 
-from .common import base_url, error_from_storage, get_store, parse_prefer
+from .common import base_url, error_from_storage, get_store, new_bundle, parse_prefer
 from .crud import check_type, max_body
 from .exceptions import FhirError
 from .history import history_entry
@@ -407,12 +406,7 @@ async def transaction_or_batch(request: Request) -> Response:
         done = iter(await run_in_threadpool(process_batch, request, good, base))
         responses = [err if err is not None else next(done) for err in errors]
         rtype = "batch-response"
-    body: dict[str, Any] = {
-        "resourceType": "Bundle",
-        "id": new_id(),
-        "meta": {"lastUpdated": format_instant(utcnow())},
-        "type": rtype,
-    }
+    body = new_bundle(rtype)
     if responses:
         body["entry"] = responses
     return fhir_json_response(request, body)

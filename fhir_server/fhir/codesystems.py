@@ -23,15 +23,13 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from fhir_server.storage import new_id
-from fhir_server.storage.timeutil import format_instant, utcnow
 from mappings.codesystems import code_systems
 
-from .common import base_url, parse_prefer
+from .common import base_url, new_bundle, parse_prefer
 from .crud import max_body
 from .exceptions import FhirError
 from .negotiation import body_media_type, fhir_json_response, parse_json_body, read_body
-from .search import ignored_outcome, search_items
+from .search import ignored_entry, search_items
 from .subsetting import Subset, subset_from_params
 
 Json = dict[str, Any]
@@ -124,15 +122,9 @@ def search_code_systems(request: Request, items: list[tuple[str, str]]) -> Json:
             for cs in matches
         ]
     if ignored:
-        entries.append({"fullUrl": f"urn:uuid:{new_id()}", "resource": ignored_outcome(ignored), "search": {"mode": "outcome"}})
-    bundle: Json = {
-        "resourceType": "Bundle",
-        "id": new_id(),
-        "meta": {"lastUpdated": format_instant(utcnow())},
-        "type": "searchset",
-        "total": len(matches),
-        "link": [{"relation": "self", "url": f"{base}/CodeSystem" + (f"?{query}" if query else "")}],
-    }
+        entries.append(ignored_entry(ignored))
+    bundle = new_bundle("searchset", total=len(matches),
+                        link=[{"relation": "self", "url": f"{base}/CodeSystem" + (f"?{query}" if query else "")}])
     if entries:
         bundle["entry"] = entries
     return bundle

@@ -13,8 +13,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from fhir_server.storage import Repository, StoredResource
+from fhir_server.storage import Repository, StoredResource, new_id
 from fhir_server.storage.errors import StorageError
+from fhir_server.storage.timeutil import format_instant, utcnow
 
 from .exceptions import FhirError
 from .negotiation import fhir_json_response
@@ -41,6 +42,18 @@ def install_fhir_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(FhirError, _fhir_error)
     app.add_exception_handler(StorageError, _storage_error)
+
+
+def new_bundle(bundle_type: str, **elements: Any) -> dict[str, Any]:
+    """A Bundle this server generates (search, history, batch/transaction responses): its own id
+    and the instant it was assembled, then `elements` (total, link, ...)."""
+    return {
+        "resourceType": "Bundle",
+        "id": new_id(),
+        "meta": {"lastUpdated": format_instant(utcnow())},
+        "type": bundle_type,
+        **elements,
+    }
 
 
 def get_store(request: Request) -> Repository:

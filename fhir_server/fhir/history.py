@@ -10,11 +10,11 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from fhir_server.storage import StoredResource, new_id
+from fhir_server.storage import StoredResource
 from fhir_server.storage.query import MAX_COUNT
-from fhir_server.storage.timeutil import DateParseError, format_instant, parse_range, utcnow
+from fhir_server.storage.timeutil import DateParseError, parse_range
 
-from .common import base_url, get_store
+from .common import base_url, get_store, new_bundle
 from .crud import check_type
 from .exceptions import FhirError
 from .negotiation import fhir_json_response
@@ -74,14 +74,7 @@ def _bundle(request: Request, path: str, resource_type: str | None, resource_id:
         links.append({"relation": "previous", "url": link(max(0, offset - count))})
     if count and offset + count < page.total:
         links.append({"relation": "next", "url": link(offset + count)})
-    bundle: dict[str, Any] = {
-        "resourceType": "Bundle",
-        "id": new_id(),
-        "meta": {"lastUpdated": format_instant(utcnow())},
-        "type": "history",
-        "total": page.total,
-        "link": links,
-    }
+    bundle = new_bundle("history", total=page.total, link=links)
     if page.entries and subset.summary != "count":
         bundle["entry"] = [history_entry(base, e, subset) for e in page.entries]
     return bundle

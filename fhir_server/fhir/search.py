@@ -10,9 +10,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from fhir_server.storage import SearchQuery, SearchResult, StoredResource, new_id, parse_search
-from fhir_server.storage.timeutil import format_instant, utcnow
 
-from .common import base_url, get_store, parse_prefer
+from .common import base_url, get_store, new_bundle, parse_prefer
 from .crud import check_type, max_body
 from .exceptions import FhirError
 from .negotiation import body_media_type, fhir_json_response, read_body
@@ -56,6 +55,11 @@ def ignored_outcome(ignored: list[str]) -> dict[str, Any]:
     }
 
 
+def ignored_entry(ignored: list[str]) -> dict[str, Any]:
+    """The searchset entry (mode outcome) that tells a lenient search which parameters it ignored."""
+    return {"fullUrl": f"urn:uuid:{new_id()}", "resource": ignored_outcome(ignored), "search": {"mode": "outcome"}}
+
+
 def searchset(base: str, query: SearchQuery, result: SearchResult) -> dict[str, Any]:
     links = [{"relation": "self", "url": _link(base, query, query.offset)}]
     if query.summary != "count" and query.count > 0:
@@ -70,15 +74,8 @@ def searchset(base: str, query: SearchQuery, result: SearchResult) -> dict[str, 
     entries = [entry_for(base, m, "match", subset) for m in result.matches]
     entries += [entry_for(base, m, "include", subset) for m in result.included]
     if query.ignored:
-        entries.append({"fullUrl": f"urn:uuid:{new_id()}", "resource": ignored_outcome(query.ignored), "search": {"mode": "outcome"}})
-    bundle: dict[str, Any] = {
-        "resourceType": "Bundle",
-        "id": new_id(),
-        "meta": {"lastUpdated": format_instant(utcnow())},
-        "type": "searchset",
-        "total": result.total,
-        "link": links,
-    }
+        entries.append(ignored_entry(query.ignored))
+    bundle = new_bundle("searchset", total=result.total, link=links)
     if entries:
         bundle["entry"] = entries
     return bundle
