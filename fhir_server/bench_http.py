@@ -54,10 +54,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _peak_rss_mb(pid: int) -> float | None:
+def memory_mb(pid: int, field: str = "VmHWM") -> float | None:
+    """A memory field of /proc/<pid>/status in MB (VmHWM: peak resident; VmRSS: resident now)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         return None
@@ -224,7 +225,7 @@ def bench_ours(model: str, weights_dir: Path, scratch: Path, inputs, *, iteratio
         result.errors_5xx += err
         result.health_p99 = float(np.percentile(health, 99)) if health else None
         result.fhir_read_p99 = float(np.percentile(reads, 99)) if reads else None
-        result.peak_rss_mb = _peak_rss_mb(proc.pid)
+        result.peak_rss_mb = memory_mb(proc.pid)
     return result
 
 
@@ -256,7 +257,7 @@ def bench_naive(weights_dir: Path, scratch: Path, inputs, *, iterations: int, se
         _, err = _throughput(url, filename, data, max(CLIENTS), seconds, [(f"http://127.0.0.1:{port}/healthz", health)])
         result.errors_5xx += err
         result.health_p99 = float(np.percentile(health, 99)) if health else None
-        result.peak_rss_mb = _peak_rss_mb(proc.pid)
+        result.peak_rss_mb = memory_mb(proc.pid)
     return result
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fhir_server.bench_http import memory_mb, our_server, xrv_weights_dir
+
 SAMPLES = 20
 WARMUP_SHARE = 0.2
 CLIENTS = 4
@@ -46,10 +48,10 @@ class SoakResult:
 
 
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    mb = memory_mb(pid, "VmRSS")
+    if mb is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return mb
 
 
 def _traffic(root: str, patient: str, inputs) -> list[tuple[str, str, dict, int]]:
@@ -125,7 +127,6 @@ def run_soak(settings, *, model: str, requests: int, data_dir: Path | None) -> i
     import logging
 
     from fhir_server.bench import bench_inputs
-    from fhir_server.bench_http import our_server, xrv_weights_dir
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     inputs, source = bench_inputs(data_dir)
