@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fhir_support import make_app, make_repo
 
-from fhir_server.fhir.reference_targets import reference_targets
+from fhir_server.storage.reference_targets import reference_targets
 from fhir_server.storage import SUPPORTED_TYPES
 from fhir_server.storage.params import reference_params
 

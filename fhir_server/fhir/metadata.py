@@ -9,10 +9,10 @@ from fastapi.responses import JSONResponse, Response
 
 from fhir_server.storage import SUPPORTED_TYPES
 from fhir_server.storage.params import COMMON, SEARCH_PARAMS
+from fhir_server.storage.reference_targets import search_includes, search_rev_includes
 
 from .common import base_url
 from .negotiation import fhir_json_response
-from .reference_targets import search_includes, search_rev_includes
 
 router = APIRouter()
 smart_router = APIRouter()
@@ -76,7 +76,7 @@ def _resource(base: str, rtype: str) -> dict[str, Any]:
         "referencePolicy": ["literal", "local"],
     }
     # R4: searchInclude = rtype's own reference parameters; searchRevInclude = Source:param whose
-    # targets include rtype (both limited to stored types, see reference_targets.py)
+    # targets include rtype (both limited to stored types, see storage/reference_targets.py)
     includes = search_includes(rtype)
     if includes:
         res["searchInclude"] = includes

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidSearch, UnsupportedResourceType
 from .params import SUPPORTED_TYPES, SearchParam, reference_params, search_params
+from .reference_targets import reference_targets
 from .timeutil import DateParseError, parse_range
 
 DEFAULT_COUNT = 20
@@ -154,9 +155,6 @@ def _unsupported(problem: str, name: str, *, strict: bool, ignored: list[str]) -
 
 def _chain_types(resource_type: str, ref: SearchParam, type_modifier: str) -> tuple[str, ...]:
     """The stored types `ref` may be chained through: the `:Type` given, else all its targets."""
-    # imported here: fhir_server.fhir imports this package, so a module-level import would cycle
-    from fhir_server.fhir.reference_targets import reference_targets
-
     possible = reference_targets(resource_type, ref.name)
     if not type_modifier:
         return possible

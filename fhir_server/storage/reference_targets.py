@@ -1,5 +1,6 @@
-"""Which stored types each reference search parameter can point to: what the CapabilityStatement's
-searchInclude / searchRevInclude are derived from (R4 CapabilityStatement.rest.resource.searchInclude,
+"""Which stored types each reference search parameter can point to: what chained search resolves
+`subject.name` through (query.py) and what the CapabilityStatement's searchInclude /
+searchRevInclude are derived from (R4 CapabilityStatement.rest.resource.searchInclude,
 searchRevInclude).
 
 A parameter's `targets` in fhir_server.storage.params (e.g. `patient`: Patient) win where declared;
@@ -16,8 +17,7 @@ from functools import lru_cache
 
 from fhir.resources.R4B import get_fhir_model_class
 
-from fhir_server.storage import SUPPORTED_TYPES
-from fhir_server.storage.params import reference_params
+from .params import SUPPORTED_TYPES, reference_params
 
 # pydantic field names that differ from the FHIR element names (Task.for -> for_fhir)
 _RENAMED = {"for": "for_fhir", "class": "class_fhir", "import": "import_fhir"}
