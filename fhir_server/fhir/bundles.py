@@ -254,10 +254,7 @@ def resolve_conditional(tx: Transaction, entry: Entry) -> None:
         return
     criteria = entry.query or ""
     if entry.method == "DELETE":
-        match = tx.match_one(entry.resource_type, criteria, label="conditional delete criteria")
-        if match is None and entry.if_match:
-            raise _fail(entry, 412, f"ifMatch given, but the criteria '{criteria}' matched no {entry.resource_type}", code="conflict")
-        entry.resource_id = match.id if match is not None else None
+        entry.resource_id = tx.conditional_delete_id(entry.resource_type, criteria, if_match=entry.if_match or None)
     else:
         entry.resource_id = tx.conditional_update_id(entry.resource_type, criteria, entry.resource)
         entry.resource = {**(entry.resource or {}), "id": entry.resource_id}

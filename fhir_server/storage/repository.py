@@ -455,12 +455,17 @@ class Transaction:
         """R4 conditional delete `DELETE [type]?criteria` ("single"): 0 matches -> None (nothing
         to do), 1 -> its deletion version, more -> PreconditionFailed."""
         _check_type(resource_type)
+        target = self.conditional_delete_id(resource_type, criteria, if_match=if_match)
+        return None if target is None else self.delete(resource_type, target, if_match=if_match)
+
+    def conditional_delete_id(self, resource_type: str, criteria: str, *, if_match: str | int | None = None) -> str | None:
+        """The id a conditional delete removes (None: nothing matched, a successful no-op). An
+        If-Match with no match is PreconditionFailed: there is no version to compare it with.
+        Locks the criteria."""
         match = self.match_one(resource_type, criteria, label="conditional delete criteria")
-        if match is None:
-            if if_match is not None:
-                raise PreconditionFailed(f"If-Match {if_match} given, but the criteria '{criteria}' matched no {resource_type}")
-            return None
-        return self.delete(resource_type, match.id, if_match=if_match)
+        if match is None and if_match is not None:
+            raise PreconditionFailed(f"If-Match {if_match} given, but the criteria '{criteria}' matched no {resource_type}")
+        return match.id if match is not None else None
 
 
 
