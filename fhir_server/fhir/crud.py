@@ -156,20 +156,17 @@ async def delete(resource_type: str, resource_id: str, request: Request) -> Resp
     return delete_response(request, tomb, message)
 
 
-def conditional_criteria(request: Request, interaction: str) -> str:
-    """The search criteria of `PUT|DELETE [type]?criteria`. None at all is a 400: a conditional
-    write must name what it targets (read as "everything", it could overwrite or delete any
-    resource of the type). The criteria themselves are checked strictly by the store."""
-    items = [(k, v) for k, v in request.query_params.multi_items() if k not in ("_format", "_pretty")]
-    if not items:
-        raise FhirError(400, f"{interaction} [type]?[search parameters] needs search parameters", code="required")
-    return urlencode(items)
+def conditional_criteria(request: Request) -> str:
+    """The search criteria of `PUT|DELETE [type]?criteria`, as the store checks them (Transaction.find):
+    strictly, presentation parameters dropped, and none at all a 400, since read as "everything"
+    they could overwrite or delete any resource of the type."""
+    return urlencode(list(request.query_params.multi_items()))
 
 
 @router.put("/{resource_type}", summary="conditional update ([type]?criteria: 0 matches create, 1 updates, more 412)")
 async def conditional_update(resource_type: str, request: Request) -> Response:
     check_type(resource_type)
-    criteria = conditional_criteria(request, "conditional update PUT")
+    criteria = conditional_criteria(request)
     resource = await incoming_resource(request, resource_type)
     if_match = request.headers.get("if-match") or None
     stored = await run_in_threadpool(lambda: get_store(request).conditional_update(resource_type, criteria, resource, if_match=if_match))
@@ -180,7 +177,7 @@ async def conditional_update(resource_type: str, request: Request) -> Response:
 @router.delete("/{resource_type}", summary="conditional delete ([type]?criteria, single: more than one match 412)")
 async def conditional_delete(resource_type: str, request: Request) -> Response:
     check_type(resource_type)
-    criteria = conditional_criteria(request, "conditional delete DELETE")
+    criteria = conditional_criteria(request)
     if_match = request.headers.get("if-match") or None
     tomb = await run_in_threadpool(lambda: get_store(request).conditional_delete(resource_type, criteria, if_match=if_match))
     message = f"Deleted {tomb.reference} (conditional delete)" if tomb else f"no {resource_type} matched {criteria}: nothing deleted"
