@@ -22,6 +22,7 @@ from fhir_server.errors import install_error_handlers
 from fhir_server.auth import require_auth
 from fhir_server.fhir import install_fhir, store_lifespan
 from fhir_server.inference import InferencePool
+from fhir_server.queue import queue_lifespan
 from fhir_server.settings import Settings
 from ml.errors import CXRError, ModelUnavailable
 from ml.pipeline import Analyzer
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 # ---- FHIR helpers: add lifespan hooks here (run in order after the model is loaded) ------------
-# app.state.store (FHIR storage), then $analyze jobs (fails interrupted Tasks, seeds OperationDefinitions)
-LIFESPAN_HOOKS: list[LifespanHook] = [store_lifespan, jobs.lifespan_hook]
+# app.state.store (FHIR storage), the durable job queue (app.state.queue, app.state.queue_worker),
+# then $analyze jobs (fails interrupted Tasks, seeds OperationDefinitions)
+LIFESPAN_HOOKS: list[LifespanHook] = [store_lifespan, queue_lifespan, jobs.lifespan_hook]
 # -------------------------------------------------------------------------------------------------
 
 

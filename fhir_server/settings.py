@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("~/.cxr/data").expanduser(), description="SQLite file and job data live here")
     database_url: str | None = Field(None, description="e.g. postgresql+psycopg://user:pw@host/db; SQLite when unset")
 
+    # ---- durable job queue (issue 13)
+    queue_worker: bool = Field(True, description="Run queued jobs in this process (false: API only; run `cxr worker` elsewhere)")
+    queue_lease_s: float = Field(60.0, gt=0, description="A running job's lease; a dead worker's jobs are resumed after it")
+    queue_poll_s: float = Field(1.0, gt=0, description="How often an idle worker looks for new jobs")
+
     # Fetching images by URL / DICOMweb
     fetch_allowed_hosts: list[str] = Field(default_factory=list, description="Hosts Media.content.url and DICOMweb may reach")
     fetch_timeout_s: float = 10.0
