@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training(sub)  # train, evaluate
     add_openapi(sub)  # openapi
+    from fhir_server.migrations.cli import add_subcommand as add_db
+
+    add_db(sub)  # db upgrade | status
     return parser
 
 

@@ -26,6 +26,9 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse(
             {"status": "unavailable", "model": state.settings.model, "reason": reason}, status_code=503
         )
+    schema_error = getattr(state, "schema_error", None)
+    if schema_error:
+        return JSONResponse({"status": "unavailable", "reason": schema_error}, status_code=503)
     info = analyzer.model_info
     body = {
         "status": "ready",

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     # Storage
     data_dir: Path = Field(Path("~/.cxr/data").expanduser(), description="SQLite file and job data live here")
     database_url: str | None = Field(None, description="e.g. postgresql+psycopg://user:pw@host/db; SQLite when unset")
+    # ---- schema migrations (issue 13)
+    db_auto_upgrade: bool = Field(
+        True, description="Run the database migrations at start-up (turn off where a `cxr db upgrade` job runs them, "
+        "e.g. Kubernetes; a replica whose schema is behind then reports not ready)"
+    )
 
     # ---- durable job queue (issue 13)
     queue_worker: bool = Field(True, description="Run queued jobs in this process (false: API only; run `cxr worker` elsewhere)")

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from fhir_server.auth import add_cors, require_auth
 from fhir_server.storage import Repository
@@ -62,6 +63,20 @@ def install_fhir(app: FastAPI, *, cors: bool = True) -> None:
         add_cors(app)
 
 
+def _migrate(store: Repository, auto_upgrade: bool) -> str | None:
+    """Bring the schema to the newest revision, or say why this replica is not ready."""
+    from fhir_server.migrations import runner
+
+    if auto_upgrade:
+        runner.upgrade(store.engine)
+        return None
+    state = runner.status(store.engine)
+    if state.up_to_date:
+        return None
+    return (f"The database schema is at revision {state.current or '(none)'}, this server needs {state.head}: "
+            "run `cxr db upgrade`.")
+
+
 @asynccontextmanager
 async def store_lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Create the database engine and tables once; dispose on shutdown. An injected store
@@ -69,7 +84,9 @@ async def store_lifespan(app: FastAPI) -> AsyncIterator[None]:
     if getattr(app.state, "store", None) is not None:
         yield
         return
-    store = Repository.from_url(app.state.settings.sqlalchemy_url)
+    settings = app.state.settings
+    store = Repository.from_url(settings.sqlalchemy_url, create=False)
+    app.state.schema_error = await run_in_threadpool(_migrate, store, settings.db_auto_upgrade)
     app.state.store = store
     try:
         yield
