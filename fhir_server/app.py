@@ -22,6 +22,7 @@ from fhir_server.errors import install_error_handlers
 from fhir_server.auth import require_auth
 from fhir_server.fhir import install_fhir, store_lifespan
 from fhir_server.inference import InferencePool
+from fhir_server.metrics import install_metrics
 from fhir_server.queue import queue_lifespan
 from fhir_server.settings import Settings
 from ml.errors import CXRError, ModelUnavailable
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None, *, analyzer: Analyzer | None = 
             batch_max_size=settings.batch_max_size,
             batch_max_wait_ms=settings.batch_max_wait_ms,
         )
+        pool.observer = getattr(app.state, "metrics", None)
         app.state.inference = pool
         app.state.model_error = None
         app.state.analyzer = analyzer
@@ -137,6 +139,7 @@ def create_app(settings: Settings | None = None, *, analyzer: Analyzer | None = 
     app.state.model_error = None
     install_error_handlers(app)
     _include_routers(app)
+    install_metrics(app)  # outermost middleware: it times everything, errors included
     return app
 
 

@@ -104,6 +104,17 @@ class InferencePool:
         self._running: set[asyncio.Task] = set()
         self._idle = self.workers  # workers not running a batch (run() jobs are not counted)
         self._seconds_per_job = 0.2  # running estimate for Retry-After
+        # optional hooks (fhir_server.metrics): on_batch(size), on_result(model name, Analysis | exception)
+        self.observer: object | None = None
+
+    def _observe(self, analyzer: object, results: list[object]) -> None:
+        observer = self.observer
+        if observer is None:
+            return
+        name = getattr(getattr(analyzer, "model_info", None), "name", None) or "unknown"
+        observer.on_batch(len(results))  # type: ignore[attr-defined]
+        for result in results:
+            observer.on_result(name, result)  # type: ignore[attr-defined]
 
     @property
     def capacity(self) -> int:
@@ -143,7 +154,13 @@ class InferencePool:
     ) -> Analysis:
         """analyzer.analyze_bytes(...) through the micro-batcher; 503 ServerBusy when full."""
         if not callable(getattr(analyzer, "analyze_many", None)):  # an analyzer-like object without batching
-            return await self.run(analyzer.analyze_bytes, data, heatmaps=heatmaps, filename=filename)
+            try:
+                result = await self.run(analyzer.analyze_bytes, data, heatmaps=heatmaps, filename=filename)
+            except Exception as exc:
+                self._observe(analyzer, [exc])
+                raise
+            self._observe(analyzer, [result])
+            return result
         self._admit()
         loop = asyncio.get_running_loop()
         job = _Job(data, heatmaps, filename, loop.create_future())
@@ -205,6 +222,7 @@ class InferencePool:
             sem.release()
         elapsed = (loop.time() - start) / max(1, len(jobs))
         self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
+        self._observe(analyzer, results)
         for job, result in zip(jobs, results, strict=True):
             if job.future.done():
                 continue
