@@ -99,6 +99,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.replicas:
+        from fhir_server.bench_replicas import run_replicas_bench
+
+        extra_env = {"CXR_ENGINE": args.engine} if args.engine else {}
+        return run_replicas_bench(_settings(args), max_replicas=args.replicas, seconds=args.seconds,
+                                  data_dir=args.data, extra_env=extra_env)
     if args.soak:
         from fhir_server.bench_soak import run_soak
 
@@ -181,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="send N mixed requests (legacy, FHIR $analyze, reads, a refusal) to a served "
                             "--model and print its memory (VmRSS) over them")
     bench.add_argument("--no-naive", action="store_true", help="--http: skip the naive baseline")
+    bench.add_argument("--replicas", type=int, metavar="N",
+                       help="throughput of 1..N `cxr serve` processes behind nginx (needs the nginx binary)")
     bench.set_defaults(func=cmd_bench)
 
     quant = sub.add_parser("quantize", help="int8 ONNX model: calibrate, validate AUROC vs fp32, keep if harmless")
