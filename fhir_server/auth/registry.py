@@ -84,7 +84,7 @@ class ClientRegistry:
             scopes=" ".join(scopes.split()),
             created=int(time.time()),
         )
-        with Session(self._write) as session, session.begin():
+        with Session(self._write, expire_on_commit=False) as session, session.begin():
             existing = session.get(OAuthClient, client_id)
             if existing is not None:
                 if not replace:
@@ -106,7 +106,7 @@ class ClientRegistry:
             return [_client(r) for r in session.exec(select(OAuthClient).order_by(OAuthClient.client_id))]
 
     def remove(self, client_id: str) -> bool:
-        with Session(self._write) as session, session.begin():
+        with Session(self._write, expire_on_commit=False) as session, session.begin():
             row = session.get(OAuthClient, client_id)
             if row is None:
                 return False
@@ -118,7 +118,7 @@ class ClientRegistry:
         key = hashlib.sha256(f"{client_id}\0{jti}".encode()).hexdigest()
         now = int(time.time())
         try:
-            with Session(self._write) as session, session.begin():
+            with Session(self._write, expire_on_commit=False) as session, session.begin():
                 session.exec(delete(SeenAssertion).where(SeenAssertion.expires_at < now))  # type: ignore[call-overload]
                 if session.get(SeenAssertion, key) is not None:
                     return False
