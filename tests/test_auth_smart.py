@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 
 import httpx
@@ -299,3 +300,66 @@ def test_principal_is_always_on_request_state(tmp_path, enabled):
         assert r.json()["client_id"].startswith("dev-token-") and r.json()["delete"] is False
     else:
         assert r.json() == {"client_id": None, "delete": True}
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not os.environ.get("CXR_TEST_POSTGRES_URL"), reason="CXR_TEST_POSTGRES_URL not set")
+def test_postgres_client_registration_token_and_replay(tmp_path, monkeypatch, keys):
+    from fhir_support import _pg_repo
+    from sqlalchemy import text
+
+    store = _pg_repo("cxr_auth_e2e")
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS oauth_client, oauth_seen_jti"))
+    url = str(store.engine.url.render_as_string(hide_password=False))
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CXR_DATABASE_URL", url)
+    jwks = write_jwks(tmp_path / "ehr.json", keys["RS384"])
+    assert cxr(["clients", "add", "ehr", "--jwks", str(jwks), "--scopes", REGISTERED]) == 0
+    with make_client(tmp_path, auth_enabled=True, database_url=url) as c:
+        signed = assertion(keys["RS384"], "ehr")
+        r = c.post("/auth/token", data=token_form(signed))
+        assert r.status_code == 200, r.text
+        assert c.get("/fhir/Patient", headers=bearer(r.json()["access_token"])).status_code == 200
+        assert c.post("/auth/token", data=token_form(signed)).json()["error"] == "invalid_client"
+    assert cxr(["clients", "remove", "ehr"]) == 0
+
+
+def test_clients_cli_add_list_remove_as_a_command(tmp_path, keys):
+    """The real `cxr clients` command (python -m fhir_server) against a temp data dir."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "CXR_DATABASE_URL"}
+    env.update(CXR_DATA_DIR=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "fhir_server", "clients", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    jwks = write_jwks(tmp_path / "k.json", keys["ES384"])
+    added = run("add", "lab-system", "--jwks", str(jwks), "--scopes", "system/Observation.rs")
+    assert added.returncode == 0, added.stderr
+    listed = run("list", "--json")
+    assert json.loads(listed.stdout)[0] | {"created": 0} == {
+        "client_id": "lab-system", "scopes": "system/Observation.rs", "jwks_url": None, "kids": ["ec-1"], "created": 0}
+    private = tmp_path / "private.json"
+    private.write_text(json.dumps({"keys": [keys["ES384"].as_dict(private=True)]}))
+    refused = run("add", "leaky", "--jwks", str(private), "--scopes", "system/*.rs")
+    assert refused.returncode == 2 and "private" in refused.stderr
+    assert run("remove", "lab-system").returncode == 0
+    assert run("remove", "lab-system").returncode == 1
+    assert "no clients registered" in run("list").stdout
+
+
+def test_access_log_names_the_client(api, keys, caplog):
+    token = get_token(api, keys["ES384"]).json()["access_token"]
+    with caplog.at_level("INFO", logger="cxr.access"):
+        api.get("/fhir/Patient?family=Zzyzx", headers=bearer(token))
+        api.get("/fhir/Patient", headers=bearer("garbage"))
+        api.post("/auth/token", data=token_form(assertion(keys["ES384"], "ehr")))
+    lines = [r for r in caplog.records if r.name == "cxr.access"]
+    assert [(r.path, r.status, r.client_id) for r in lines] == [
+        ("/fhir/Patient", 200, "ehr"), ("/fhir/Patient", 401, None), ("/auth/token", 200, "ehr")]
+    assert all("Zzyzx" not in r.getMessage() for r in lines)

@@ -40,13 +40,14 @@ def public_jwks(document: Any) -> dict[str, Any]:
     with a `kid`, and no private key material (a client registers only what it may publish)."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list) or not document["keys"]:
         raise RegistrationError('the JWKS must be a JSON object {"keys": [...]} with at least one key')
+    if not all(isinstance(k, dict) and isinstance(k.get("kid"), str) and k["kid"] for k in document["keys"]):
+        # checked on the document: joserfc fills a missing kid with the thumbprint on import
+        raise RegistrationError("every key in the JWKS needs a 'kid' (SMART Backend Services requires it)")
     try:
         keyset = KeySet.import_key_set(document)
     except (JoseError, ValueError, TypeError, KeyError) as exc:
         raise RegistrationError(f"the JWKS cannot be loaded: {exc}") from exc
     for key in keyset.keys:
-        if key.kid is None:
-            raise RegistrationError("every key in the JWKS needs a 'kid' (SMART Backend Services requires it)")
         if key.key_type not in ("RSA", "EC"):
             raise RegistrationError(f"key {key.kid!r}: only RSA (RS384) and EC P-384 (ES384) keys are accepted")
         if key.key_type == "EC" and key.get("crv") != "P-384":

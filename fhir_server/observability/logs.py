@@ -54,6 +54,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+# Third-party loggers that write URLs (with their query strings) at INFO: httpx logs every outgoing
+# request line (Media.content.url, DICOMweb, JWKS fetches). Warnings and errors still come through.
+URL_LOGGERS = ("httpx", "httpcore")
+
+
+def quiet_url_loggers() -> None:
+    for name in URL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def configure_logging(fmt: str = "json", level: str | int = "INFO", stream=None) -> None:
     """Replace the root handlers: JSON (or plain text) lines with the request id, to stderr."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -67,6 +77,7 @@ def configure_logging(fmt: str = "json", level: str | int = "INFO", stream=None)
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    quiet_url_loggers()
     # uvicorn's own loggers propagate to ours; its access log is replaced by fhir_server's (no query strings)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()
