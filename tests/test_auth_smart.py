@@ -363,3 +363,21 @@ def test_access_log_names_the_client(api, keys, caplog):
     assert [(r.path, r.status, r.client_id) for r in lines] == [
         ("/fhir/Patient", 200, "ehr"), ("/fhir/Patient", 401, None), ("/auth/token", 200, "ehr")]
     assert all("Zzyzx" not in r.getMessage() for r in lines)
+
+
+@pytest.mark.parametrize("alg", ["ES384", "RS384"])
+def test_keygen_pair_registers_and_gets_a_token(tmp_path, monkeypatch, alg):
+    """The README's onboarding path: `cxr clients keygen`, `cxr clients add`, sign with the private JWK."""
+    from joserfc.jwk import import_key
+
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CXR_DATABASE_URL", raising=False)
+    private, public = tmp_path / "c.private.jwk", tmp_path / "c.jwks.json"
+    assert cxr(["clients", "keygen", "--alg", alg, "--kid", "k-1", "--private", str(private), "--jwks", str(public)]) == 0
+    assert private.stat().st_mode & 0o077 == 0
+    assert cxr(["clients", "keygen", "--private", str(private), "--jwks", str(public)]) == 2  # never overwrites
+    assert cxr(["clients", "add", "c", "--jwks", str(public), "--scopes", "system/*.rs"]) == 0
+    key = import_key(json.loads(private.read_text()))
+    with make_client(tmp_path, auth_enabled=True) as c:
+        r = c.post("/auth/token", data=token_form(assertion(key, "c", alg=alg)))
+        assert r.status_code == 200, r.text

@@ -86,6 +86,30 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """A client key pair for onboarding and tests: the private JWK stays with the client, the public
+    JWKS is what `cxr clients add --jwks` registers (or what the client serves at its jku)."""
+    from joserfc.jwk import ECKey, RSAKey
+
+    if args.alg == "ES384":
+        key = ECKey.generate_key("P-384", private=True)
+    else:
+        key = RSAKey.generate_key(3072, private=True)
+    kid = args.kid or key.thumbprint()
+    private = {**key.as_dict(private=True), "kid": kid, "alg": args.alg}
+    public = {"keys": [{**key.as_dict(private=False), "kid": kid, "alg": args.alg, "use": "sig"}]}
+    for path in (args.private, args.jwks):
+        if Path(path).exists():
+            print(f"error: {path} exists; not overwriting a key", file=sys.stderr)
+            return 2
+    private_path = Path(args.private)
+    private_path.touch(mode=0o600)
+    private_path.write_text(json.dumps(private, indent=2))
+    Path(args.jwks).write_text(json.dumps(public, indent=2))
+    print(f"private key (keep it with the client): {args.private}\npublic JWKS (register it): {args.jwks}\nkid: {kid}")
+    return 0
+
+
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
     clients = sub.add_parser("clients", help="SMART Backend Services clients allowed to get access tokens")
     csub = clients.add_subparsers(dest="clients_command", required=True)
@@ -103,3 +127,9 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     rm = csub.add_parser("remove", help="unregister a client (it can get no new tokens)")
     rm.add_argument("client_id", metavar="ID")
     rm.set_defaults(func=cmd_remove)
+    gen = csub.add_parser("keygen", help="make a client key pair: private JWK + public JWKS (for onboarding and tests)")
+    gen.add_argument("--alg", choices=["ES384", "RS384"], default="ES384")
+    gen.add_argument("--kid", help="key id (default: the key's RFC 7638 thumbprint)")
+    gen.add_argument("--private", required=True, metavar="FILE", help="where the private JWK goes (mode 0600)")
+    gen.add_argument("--jwks", required=True, metavar="FILE", help="where the public JWKS goes")
+    gen.set_defaults(func=cmd_keygen)
