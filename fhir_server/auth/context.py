@@ -75,5 +75,7 @@ def log_mode(settings) -> None:  # settings: fhir_server.settings.Settings
             "DEVELOPMENT MODE: static bearer tokens from CXR_AUTH_TOKENS are accepted "
             "(CXR_AUTH_DEV_STATIC_TOKENS=true); do not run this in production"
         )
-    elif settings.auth_tokens:
-        log.warning("CXR_AUTH_TOKENS is set but ignored: static tokens need CXR_AUTH_DEV_STATIC_TOKENS=true")
+    else:
+        log.info("authentication enabled: SMART Backend Services access tokens from POST /auth/token")
+        if settings.auth_tokens:
+            log.warning("CXR_AUTH_TOKENS is set but ignored: static tokens need CXR_AUTH_DEV_STATIC_TOKENS=true")
