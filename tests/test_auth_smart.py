@@ -381,3 +381,18 @@ def test_keygen_pair_registers_and_gets_a_token(tmp_path, monkeypatch, alg):
     with make_client(tmp_path, auth_enabled=True) as c:
         r = c.post("/auth/token", data=token_form(assertion(key, "c", alg=alg)))
         assert r.status_code == 200, r.text
+
+
+def test_token_request_body_is_bounded_and_parsed_strictly(api, keys):
+    huge = token_form(assertion(keys["ES384"], "ehr"), scope="system/*.rs " * 10_000)
+    r = api.post("/auth/token", data=huge)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+    many = {**token_form(assertion(keys["ES384"], "ehr")), **{f"x{i}": "1" for i in range(50)}}
+    assert api.post("/auth/token", data=many).json()["error"] == "invalid_request"
+    twice = "&".join(f"{k}={v}" for k, v in token_form(assertion(keys["ES384"], "ehr")).items()) + "&scope=system/*.rs"
+    r = api.post("/auth/token", content=twice, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.json()["error"] == "invalid_request" and "more than once" in r.json()["error_description"]
+    r = api.post("/auth/token", content=b"\xff\xfe", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400
+    spec = api.get("/openapi.json").json()["paths"]["/auth/token"]["post"]
+    assert "application/x-www-form-urlencoded" in spec["requestBody"]["content"]

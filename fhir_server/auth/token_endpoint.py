@@ -10,10 +10,10 @@ Errors are RFC 6749 section 5.2 JSON: invalid_request / unsupported_grant_type /
 from __future__ import annotations
 
 import logging
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from starlette.datastructures import FormData
 
 from .assertion import ASSERTION_TYPE, OAuthError
 from .context import auth_context
@@ -23,6 +23,7 @@ log = logging.getLogger("fhir_server.auth")
 router = APIRouter(tags=["auth"])
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 MAX_FORM_FIELDS = 16
+MAX_BODY_BYTES = 64 * 1024
 
 
 def token_url(request: Request) -> str:
@@ -37,27 +38,69 @@ def _oauth_error(exc: OAuthError) -> JSONResponse:
     )
 
 
-async def _form(request: Request) -> FormData:
+async def _form(request: Request) -> dict[str, list[str]]:
+    """The urlencoded body, read up to MAX_BODY_BYTES (a token request is a few KB; Starlette's own
+    form parser would read any size into memory first)."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
         raise OAuthError("invalid_request", "the token request must be application/x-www-form-urlencoded")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise OAuthError("invalid_request", f"the token request is larger than {MAX_BODY_BYTES} bytes")
     try:
-        return await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
-    except Exception as exc:  # starlette raises its own MultiPartException / HTTPException for bad forms
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False,
+                          max_num_fields=MAX_FORM_FIELDS)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise OAuthError("invalid_request", "the token request body is not a valid form") from exc
+    form: dict[str, list[str]] = {}
+    for name, value in pairs:
+        form.setdefault(name, []).append(value)
+    return form
 
 
-def _single(form: FormData, name: str) -> str | None:
-    values = form.getlist(name)
+def _single(form: dict[str, list[str]], name: str) -> str | None:
+    values = form.get(name, [])
     if len(values) > 1:
         raise OAuthError("invalid_request", f"'{name}' is given more than once")
-    value = values[0] if values else None
-    return value if isinstance(value, str) else None
+    return values[0] if values else None
+
+
+_FORM_FIELD = {"type": "string"}
+_OAUTH_ERROR = {
+    "description": "OAuth 2.0 error (RFC 6749 section 5.2)",
+    "content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {
+        "error": {"type": "string", "enum": ["invalid_request", "invalid_client", "invalid_scope",
+                                             "unsupported_grant_type"]},
+        "error_description": {"type": "string"}}}}},
+}
+OPENAPI = {
+    "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+        "type": "object",
+        "required": ["grant_type", "scope", "client_assertion_type", "client_assertion"],
+        "properties": {
+            "grant_type": {"type": "string", "enum": ["client_credentials"]},
+            "scope": {**_FORM_FIELD, "example": "system/*.rs"},
+            "client_assertion_type": {"type": "string", "enum": [ASSERTION_TYPE]},
+            "client_assertion": {**_FORM_FIELD, "description": "JWT signed RS384/ES384 by a registered key"},
+        }}}}},
+    "responses": {
+        "200": {"description": "access token", "content": {"application/json": {"schema": {
+            "type": "object", "required": ["access_token", "token_type", "expires_in", "scope"], "properties": {
+                "access_token": {"type": "string"}, "token_type": {"type": "string", "enum": ["bearer"]},
+                "expires_in": {"type": "integer"}, "scope": {"type": "string"}}}}}},
+        "400": _OAUTH_ERROR,
+        "401": _OAUTH_ERROR,
+    },
+}
 
 
 @router.post(
     "/auth/token",
     summary="SMART Backend Services token endpoint",
     description="client_credentials grant with a private_key_jwt client assertion (RS384 or ES384)",
+    openapi_extra=OPENAPI,
+    response_class=JSONResponse,
 )
 async def token(request: Request) -> JSONResponse:
     try:
