@@ -396,3 +396,18 @@ def test_token_request_body_is_bounded_and_parsed_strictly(api, keys):
     assert r.status_code == 400
     spec = api.get("/openapi.json").json()["paths"]["/auth/token"]["post"]
     assert "application/x-www-form-urlencoded" in spec["requestBody"]["content"]
+
+
+def test_access_token_expires_after_its_lifetime(data_dir, keys, monkeypatch):
+    """A token is refused once its exp (+ 5 s for replica clocks) has passed: time moved, not forged."""
+    import fhir_server.auth.keys as keys_module
+
+    with make_client(data_dir, auth_enabled=True, auth_token_lifetime_s=60) as c:
+        body = get_token(c, keys["ES384"]).json()
+        assert body["expires_in"] == 60
+        headers = bearer(body["access_token"])
+        assert c.get("/fhir/Patient", headers=headers).status_code == 200
+        real_time = time.time
+        monkeypatch.setattr(keys_module.jwt.JWTClaimsRegistry, "now", property(lambda self: int(real_time()) + 66))
+        r = c.get("/fhir/Patient", headers=headers)
+        assert r.status_code == 401 and "expired" in r.headers["www-authenticate"]

@@ -28,7 +28,8 @@ from joserfc.jwk import ECKey
 SERVER_ALG = "ES384"
 ISSUER = "cxr-fhir"  # a stable identifier: the public URL can differ per proxy, the key cannot
 TOKEN_TYPE = "at+jwt"
-CLOCK_LEEWAY_S = 30
+CLOCK_LEEWAY_S = 30  # client assertions: the client's clock is not ours
+ACCESS_TOKEN_LEEWAY_S = 5  # our own tokens: only the replicas' clocks differ
 
 
 class InvalidAccessToken(Exception):
@@ -93,7 +94,7 @@ class TokenSigner:
         if decoded.header.get("typ") != TOKEN_TYPE:
             raise InvalidAccessToken("the bearer token is not an access token of this server")
         registry = jwt.JWTClaimsRegistry(
-            leeway=CLOCK_LEEWAY_S,
+            leeway=ACCESS_TOKEN_LEEWAY_S,
             iss={"essential": True, "value": ISSUER},
             aud={"essential": True, "value": ISSUER},
             exp={"essential": True},
