@@ -69,6 +69,7 @@ def test_registered_client_gets_a_token_and_reads(api, keys, alg):
     assert api.get("/fhir/Observation/nope", headers=bearer(token)).status_code == 404  # allowed, just absent
     denied = api.post("/fhir/Patient", json={"resourceType": "Patient"}, headers=bearer(token))
     assert denied.status_code == 403 and denied.json()["issue"][0]["code"] == "forbidden"
+    assert 'error="insufficient_scope", scope="system/Patient.c"' in denied.headers["www-authenticate"]
     assert api.get("/fhir/DiagnosticReport", headers=bearer(token)).status_code == 403  # not granted
     assert api.get("/fhir/Patient").status_code == 401
 

@@ -118,7 +118,9 @@ async def require_auth(request: Request) -> Principal:
     if path == FHIR_PREFIX or path.startswith(FHIR_PREFIX + "/"):
         for rtype, permission in required_permissions(request.method, path):
             if not principal.allows(rtype, permission):
-                raise _forbidden(denied_message(rtype, permission))
+                # RFC 6750 section 3.1: say which scope would do
+                challenge = f'{REALM}, error="insufficient_scope", scope="system/{rtype}.{permission}"'
+                raise HTTPException(403, denied_message(rtype, permission), headers={"WWW-Authenticate": challenge})
     return principal
 
 

@@ -40,6 +40,12 @@ def cmd_add(args: argparse.Namespace) -> int:
         if url.host.lower() not in allowed:
             print(f"warning: {url.host} is not in CXR_AUTH_JKU_ALLOWED_HOSTS; the server will refuse this "
                   "client's tokens until it is", file=sys.stderr)
+    from .scopes import parse_scope
+
+    idle = [s for s in args.scopes.split() if parse_scope(s) is None]
+    if idle:
+        print(f"warning: these scopes grant nothing on this server (system/ or user/ resource scopes only, "
+              f"no ?conditions): {' '.join(idle)}", file=sys.stderr)
     registry, store = _registry()
     try:
         client = registry.add(args.client_id, args.scopes, jwks=jwks, jwks_url=args.jwks_url, replace=args.replace)
