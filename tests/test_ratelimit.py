@@ -99,3 +99,20 @@ def test_limiter_windows():
 ])
 def test_exempt_paths(method, path, exempt):
     assert is_exempt(method, path) is exempt
+
+
+def test_storage_failure_fails_open(limited, monkeypatch, caplog):
+    """A shared store (redis) that stops answering must not turn every request into a 500."""
+    def broken(self, key):
+        raise ConnectionError("storage down")
+
+    monkeypatch.setattr(Limiter, "acquire", broken)
+    assert [limited.get("/fhir/Patient").status_code for _ in range(5)] == [200] * 5
+    assert "rate limit storage unavailable" in caplog.text
+
+
+def test_bad_storage_uri_stops_start_up(tmp_path):
+    from limits.errors import ConfigurationError
+
+    with pytest.raises((ConfigurationError, ValueError)):
+        make_client(tmp_path, rate_limit_per_minute=10, rate_limit_storage_uri="memcached://127.0.0.1:1")

@@ -20,6 +20,7 @@ Over the limit: 429 + Retry-After (seconds until the window frees a slot) + an O
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fhir_server.errors import error_response
 
+log = logging.getLogger(__name__)
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metadata", "/fhir/metadata"})
 EXEMPT_PREFIXES = ("/.well-known/",)
 
@@ -73,44 +75,41 @@ class Limiter:
 class RateLimitMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer streamed responses)."""
 
-    def __init__(self, app: ASGIApp, client_id_of: ClientIdOf):
+    def __init__(self, app: ASGIApp, client_id_of: ClientIdOf, limiter: Limiter):
         self.app = app
         self.client_id_of = client_id_of
-        self._limiter: Limiter | None = None
-
-    def _limiter_for(self, settings) -> Limiter | None:  # settings: fhir_server.settings.Settings
-        if settings.rate_limit_per_minute <= 0:
-            return None
-        if self._limiter is None:
-            self._limiter = Limiter(settings.rate_limit_per_minute, settings.rate_limit_burst,
-                                    settings.rate_limit_storage_uri)
-        return self._limiter
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_exempt(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)
-        limiter = self._limiter_for(request.app.state.settings)
-        if limiter is None:
-            await self.app(scope, receive, send)
-            return
         client_id = self.client_id_of(request)
         key = f"client:{client_id}" if client_id else f"addr:{request.client.host if request.client else 'unknown'}"
-        retry_after = limiter.acquire(key)
+        try:
+            retry_after = self.limiter.acquire(key)
+        except Exception:  # e.g. redis:// unreachable: serve unthrottled rather than fail every request
+            log.warning("rate limit storage unavailable; request not counted", exc_info=True)
+            retry_after = None
         if retry_after is None:
             await self.app(scope, receive, send)
             return
         who = "this client" if client_id else "this address"
         response = error_response(
             request, 429, "too_many_requests",
-            f"Too many requests from {who}: the limit is {limiter.per_minute} per minute with bursts of "
-            f"{limiter.burst}; retry after {retry_after} s",
+            f"Too many requests from {who}: the limit is {self.limiter.per_minute} per minute with bursts of "
+            f"{self.limiter.burst}; retry after {retry_after} s",
             headers={"Retry-After": str(retry_after)},
         )
         await response(scope, receive, send)
 
 
 def install_ratelimit(app: FastAPI, client_id_of: ClientIdOf) -> None:
-    """Add the middleware; it reads app.state.settings per request (0 per minute = off)."""
-    app.add_middleware(RateLimitMiddleware, client_id_of=client_id_of)
+    """Add the middleware when app.state.settings asks for a limit. The storage is set up here, so a
+    bad CXR_RATE_LIMIT_STORAGE_URI (or its missing driver, e.g. `redis`) stops start-up, loudly."""
+    settings = app.state.settings
+    if settings.rate_limit_per_minute <= 0:
+        return
+    limiter = Limiter(settings.rate_limit_per_minute, settings.rate_limit_burst, settings.rate_limit_storage_uri)
+    app.add_middleware(RateLimitMiddleware, client_id_of=client_id_of, limiter=limiter)
