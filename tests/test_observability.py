@@ -165,3 +165,18 @@ def test_cxr_serve_subprocess_logs_json_without_phi(tmp_path):
     assert len(access) >= len(statuses)
     assert not any(entry["logger"] == "uvicorn.access" for entry in lines)
     assert any(entry["path"] == "/fhir/Patient" and entry["method"] == "GET" and entry["status"] == 200 for entry in access)
+
+
+def test_unhandled_error_is_answered_with_the_request_id(tmp_path, caplog):
+    with make_client(tmp_path, raise_server_exceptions=False) as c:
+
+        @c.app.get("/api/v1/boom")
+        async def boom() -> dict:
+            raise RuntimeError("secret Zzyzx detail")
+
+        with caplog.at_level(logging.INFO):
+            r = c.get("/api/v1/boom?family=Zzyzx", headers={"X-Request-ID": "req-500"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "req-500"
+    assert r.json()["status"] == "error" and "Zzyzx" not in r.text
+    access = [rec for rec in caplog.records if rec.name == "cxr.access"]
+    assert [(a.path, a.status, a.request_id) for a in access] == [("/api/v1/boom", 500, "req-500")]
