@@ -412,3 +412,20 @@ def test_access_token_expires_after_its_lifetime(data_dir, keys, monkeypatch):
         monkeypatch.setattr(keys_module.jwt.JWTClaimsRegistry, "now", property(lambda self: int(real_time()) + 66))
         r = c.get("/fhir/Patient", headers=headers)
         assert r.status_code == 401 and "expired" in r.headers["www-authenticate"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "level", "words"),
+    [
+        ({"auth_enabled": False, "host": "127.0.0.1"}, "INFO", "disabled"),
+        ({"auth_enabled": False, "host": "0.0.0.0"}, "WARNING", "DISABLED while listening on 0.0.0.0"),
+        ({"auth_enabled": True, "auth_dev_static_tokens": True, "auth_tokens": {"t": "system/*.rs"}}, "WARNING",
+         "DEVELOPMENT MODE"),
+        ({"auth_enabled": True, "auth_tokens": {"t": "system/*.rs"}}, "WARNING", "ignored"),
+        ({"auth_enabled": True}, "INFO", "SMART Backend Services"),
+    ],
+)
+def test_start_up_says_which_auth_mode_runs(tmp_path, caplog, overrides, level, words):
+    with caplog.at_level("INFO", logger="fhir_server.auth"), make_client(tmp_path, **overrides):
+        pass
+    assert any(r.levelname == level and words in r.getMessage() for r in caplog.records), caplog.text

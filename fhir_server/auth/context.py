@@ -69,7 +69,13 @@ async def lifespan_hook(app: FastAPI) -> AsyncIterator[None]:
 
 def log_mode(settings) -> None:  # settings: fhir_server.settings.Settings
     if not settings.auth_enabled:
-        log.info("authentication is disabled (CXR_AUTH_ENABLED=false): every caller has full access")
+        if settings.host in ("127.0.0.1", "localhost", "::1"):
+            log.info("authentication is disabled (CXR_AUTH_ENABLED=false): every local caller has full access")
+        else:
+            log.warning(
+                "authentication is DISABLED while listening on %s: anyone who reaches this port can read and "
+                "write everything; set CXR_AUTH_ENABLED=true (see README, Security)", settings.host,
+            )
     elif settings.auth_dev_static_tokens:
         log.warning(
             "DEVELOPMENT MODE: static bearer tokens from CXR_AUTH_TOKENS are accepted "
