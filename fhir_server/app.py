@@ -17,13 +17,15 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 
 from fastapi import Depends, FastAPI
 
-from fhir_server import health, jobs, legacy, web
+from fhir_server import auth, health, jobs, legacy, web
 from fhir_server.errors import install_error_handlers
 from fhir_server.auth import require_auth
 from fhir_server.fhir import install_fhir, store_lifespan
 from fhir_server.inference import InferencePool
 from fhir_server.metrics import install_metrics
 from fhir_server.queue import queue_lifespan
+from fhir_server.observability import install_request_logging
+from fhir_server.ratelimit import install_ratelimit
 from fhir_server.settings import Settings
 from ml.errors import CXRError, ModelUnavailable
 from ml.pipeline import Analyzer
@@ -37,6 +39,7 @@ LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 # app.state.store (FHIR storage), the durable job queue (app.state.queue, app.state.queue_worker),
 # then $analyze jobs (fails interrupted Tasks, seeds OperationDefinitions)
 LIFESPAN_HOOKS: list[LifespanHook] = [store_lifespan, queue_lifespan, jobs.lifespan_hook]
+LIFESPAN_HOOKS.append(auth.lifespan_hook)  # issue 10: logs the auth mode, loads the signing key and client registry
 # -------------------------------------------------------------------------------------------------
 
 
@@ -86,6 +89,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(health.router)
     app.include_router(legacy.router, dependencies=[Depends(require_auth)])  # the one auth boundary
     app.include_router(web.router)
+    app.include_router(auth.router)  # POST /auth/token (SMART Backend Services)
     # ---- FHIR helpers: app.include_router(<fhir router>) here ------------------------------------
     install_fhir(app)  # /fhir routers, /.well-known/smart-configuration, OperationOutcome handlers, CORS
     # -----------------------------------------------------------------------------------------------
@@ -138,8 +142,10 @@ def create_app(settings: Settings | None = None, *, analyzer: Analyzer | None = 
     app.state.analyzer = analyzer
     app.state.model_error = None
     install_error_handlers(app)
+    install_ratelimit(app, auth.client_id_of)  # issue 10: before the routers' CORS, so 429s carry CORS headers
     _include_routers(app)
     install_metrics(app)  # outermost middleware: it times everything, errors included
+    install_request_logging(app, auth.client_id_of)  # issue 10: outermost: request id + access log for everything
     return app
 
 

@@ -26,8 +26,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from fhir_server.app import create_app
 
+    from fhir_server.observability import configure_logging
+
     settings = _settings(args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    # issue 10: JSON logs with request ids; uvicorn's access log (it prints query strings = PHI) is
+    # off and replaced by fhir_server.observability's; log_config=None keeps our handlers.
+    configure_logging(settings.log_format, args.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                log_config=None, access_log=False)
     return 0
 
 
@@ -207,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fhir_server.migrations.cli import add_subcommand as add_db
 
     add_db(sub)  # db upgrade | status
+    from fhir_server.auth.cli import add_subcommand as add_clients
+
+    add_clients(sub)  # clients add|list|remove (issue 10)
     return parser
 
 

@@ -79,8 +79,34 @@ class Settings(BaseSettings):
         default_factory=dict, description='JSON map of bearer token -> space-separated SMART scopes'
     )
     oauth_token_url: str | None = Field(
-        None, description="Token endpoint of the authorization server issuing the bearer tokens (published in /fhir/metadata and /.well-known/smart-configuration)"
+        None, description="Public URL of this server's token endpoint (POST /auth/token), the `aud` client assertions "
+        "must carry; derived from the request when unset (set it behind a proxy)"
     )
+
+    # ---- auth (issue 10): SMART Backend Services, rate limits, logs ----
+    auth_dev_static_tokens: bool = Field(
+        False, description="DEVELOPMENT ONLY: also accept the static CXR_AUTH_TOKENS map as bearer tokens (logged as such)"
+    )
+    auth_signing_key_file: Path | None = Field(
+        None, description="Private JWK (EC P-384) that signs access tokens; generated on first use "
+        "(default: <data_dir>/auth/signing-key.jwk)"
+    )
+    auth_token_lifetime_s: int = Field(300, ge=30, le=300, description="Lifetime of issued access tokens (at most 5 minutes)")
+    auth_jku_allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts a client's registered JWKS URL (jku) may be fetched from"
+    )
+    rate_limit_per_minute: int = Field(
+        0, ge=0, description="Requests per minute per client id (per address when unauthenticated); 0 = no limit"
+    )
+    rate_limit_burst: int = Field(20, ge=1, description="Requests a client may send at once before the per-minute rate applies")
+    rate_limit_storage_uri: str = Field(
+        "memory://", description="`limits` storage: memory:// (per process) or e.g. redis://host:6379 (shared by workers)"
+    )
+    log_format: str = Field("json", pattern="^(json|text)$", description="`cxr serve` log lines: json (structured) or text")
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.auth_signing_key_file or self.data_dir / "auth" / "signing-key.jwk"
 
     @property
     def onnx_cache_dir(self) -> Path:

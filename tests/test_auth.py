@@ -24,7 +24,7 @@ TOKENS = {
 @pytest.fixture
 def secured(tmp_path):
     store = Repository.from_url(f"sqlite:///{tmp_path / 'db.sqlite3'}")
-    app = make_app(store, auth_enabled=True, auth_tokens=TOKENS)
+    app = make_app(store, auth_enabled=True, auth_dev_static_tokens=True, auth_tokens=TOKENS)
 
     @app.get("/api/v1/ping", dependencies=[Depends(require_auth)])
     async def ping() -> dict:

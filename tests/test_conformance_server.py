@@ -339,7 +339,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
     app = make_test_app(tmp_path_factory.mktemp("cxr-conformance"), analyzer=analyzer, fetch_allowed_hosts=[HOST])
     app.state.fetch_policy_overrides = {"resolver": fake_resolve}  # the mocked PACS host never hits DNS
     secured = make_test_app(tmp_path_factory.mktemp("cxr-conformance-auth"), analyzer=analyzer, auth_enabled=True,
-                            auth_tokens={"reader": "system/*.rs"})
+                            auth_dev_static_tokens=True, auth_tokens={"reader": "system/*.rs"})
     refusing_analyzer = _refusing_analyzer()
     refusing = make_test_app(tmp_path_factory.mktemp("cxr-conformance-ood"), analyzer=refusing_analyzer)
     try:

@@ -287,7 +287,7 @@ def test_batch_conditionals_answer_one_by_one(client):
 def test_conditional_writes_need_update_and_delete_scopes(tmp_path):
     store = Repository.from_url(f"sqlite:///{tmp_path / 'db.sqlite3'}")
     tokens = {"creator": "system/Patient.cr", "updater": "system/Patient.u", "deleter": "system/Patient.d"}
-    app = make_app(store, auth_enabled=True, auth_tokens=tokens)
+    app = make_app(store, auth_enabled=True, auth_dev_static_tokens=True, auth_tokens=tokens)
     try:
         with TestClient(app) as c:
             url = f"/fhir/Patient?{by_mrn('1')}"

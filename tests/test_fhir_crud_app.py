@@ -30,7 +30,8 @@ def test_lifespan_store_persists_across_restarts(tmp_path):
 
 
 def test_auth_enabled_app_keeps_probes_open(tmp_path):
-    settings = Settings(data_dir=tmp_path, auth_enabled=True, auth_tokens={"secret": "system/*.cruds"})
+    settings = Settings(data_dir=tmp_path, auth_enabled=True, auth_dev_static_tokens=True,
+                        auth_tokens={"secret": "system/*.cruds"})
     with TestClient(create_app(settings, analyzer=_NoModel())) as c:
         assert c.get("/healthz").status_code == 200
         assert c.get("/fhir/metadata").status_code == 200

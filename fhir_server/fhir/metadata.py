@@ -11,6 +11,8 @@ from fhir_server.storage import SUPPORTED_TYPES
 from fhir_server.storage.params import COMMON, SEARCH_PARAMS
 from fhir_server.storage.reference_targets import search_includes, search_rev_includes
 
+from fhir_server.auth.token_endpoint import token_url
+
 from .common import base_url
 from .negotiation import fhir_json_response
 
@@ -138,7 +140,8 @@ def capability_statement(request: Request) -> dict[str, Any]:
                         "display": "SMART-on-FHIR",
                     }
                 ],
-                "text": "OAuth2 bearer tokens with SMART Backend Services scopes (system/*.rs, system/*.cruds)",
+                "text": "SMART Backend Services (client-confidential-asymmetric): client_credentials with a "
+                "private_key_jwt assertion (RS384/ES384) at the token endpoint; bearer tokens with system/ scopes",
             }
         ],
         "description": (
@@ -147,9 +150,8 @@ def capability_statement(request: Request) -> dict[str, Any]:
             else "Authentication is disabled on this deployment (CXR_AUTH_ENABLED=false)"
         ),
     }
-    token_url = getattr(settings, "oauth_token_url", None)
-    if token_url:
-        security["extension"] = [{"url": OAUTH_URIS, "extension": [{"url": "token", "valueUri": token_url}]}]
+    # issue 10: this server is its own SMART Backend Services authorization server (POST /auth/token)
+    security["extension"] = [{"url": OAUTH_URIS, "extension": [{"url": "token", "valueUri": token_url(request)}]}]
     return {
         "resourceType": "CapabilityStatement",
         "id": "cxr-fhir",
@@ -189,7 +191,6 @@ async def metadata(request: Request) -> Response:
 
 
 def smart_configuration(request: Request) -> dict[str, Any]:
-    settings = request.app.state.settings
     scopes = ["system/*.rs", "system/*.cruds", "system/*.read", "system/*.write"]
     scopes += [f"system/{t}.rs" for t in SUPPORTED_TYPES] + [f"system/{t}.cruds" for t in SUPPORTED_TYPES]
     scopes.append("system/CodeSystem.rs")  # read-only: no .cruds (writes answer 405)
@@ -200,9 +201,7 @@ def smart_configuration(request: Request) -> dict[str, Any]:
         "scopes_supported": scopes,
         "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
     }
-    token_url = getattr(settings, "oauth_token_url", None)
-    if token_url:
-        config["token_endpoint"] = token_url
+    config["token_endpoint"] = token_url(request)
     return config
 
 

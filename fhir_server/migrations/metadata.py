@@ -11,6 +11,7 @@ from sqlmodel import SQLModel
 TABLE_MODULES = (
     "fhir_server.storage.tables",
     "fhir_server.queue.tables",
+    "fhir_server.auth.tables",
 )
 
 

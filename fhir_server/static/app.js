@@ -21,6 +21,12 @@ async function showModel() {
   }
 }
 
+// The access token lives in sessionStorage: this tab only, gone when it closes; never in a URL.
+function authHeaders() {
+  const token = ($("token").value || "").trim();
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
 function showError(message) {
   $("error").textContent = message;
   $("error").hidden = false;
@@ -84,7 +90,13 @@ async function analyse(file) {
   const form = new FormData();
   form.append("image", file, file.name);
   try {
-    const r = await fetch("/api/v1/predict?heatmaps=true", { method: "POST", body: form });
+    const r = await fetch("/api/v1/predict?heatmaps=true", { method: "POST", body: form, headers: authHeaders() });
+    if (r.status === 401) {
+      $("status").textContent = "";
+      $("auth").open = true;
+      showError("This server requires an access token (expired or missing): paste a current one under \"Access token\".");
+      return;
+    }
     let body = null;
     try { body = await r.json(); } catch (e) { /* not JSON */ }
     $("status").textContent = "";
@@ -108,4 +120,6 @@ input.addEventListener("change", () => { if (input.files.length) analyse(input.f
 ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
 ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
 drop.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) analyse(e.dataTransfer.files[0]); });
+$("token").value = sessionStorage.getItem("cxr-access-token") || "";
+$("token").addEventListener("change", () => sessionStorage.setItem("cxr-access-token", $("token").value.trim()));
 showModel();
