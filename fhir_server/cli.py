@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training(sub)  # train, evaluate
     add_openapi(sub)  # openapi
+    from fhir_server.dicom.cli import add_subcommand as add_dicom
+
+    add_dicom(sub)  # dicom echo / send (issue 12)
     return parser
 
 
