@@ -73,8 +73,10 @@ def patient_identifier(ds: Dataset) -> Json | None:
 
 
 def _date(value: str) -> str | None:
-    m = re.match(r"^(\d{4})(\d{2})(\d{2})$", value.strip())
-    return f"{m[1]}-{m[2]}-{m[3]}" if m else None
+    try:
+        return datetime.strptime(value.strip(), "%Y%m%d").date().isoformat() if len(value.strip()) == 8 else None
+    except ValueError:  # 19800230 and other impossible dates are left out, not guessed
+        return None
 
 
 def _human_name(pn: str) -> Json | None:
@@ -201,9 +203,11 @@ def upsert_patient(tx: Transaction, ds: Dataset, study_uid: str) -> StoredResour
         pid = stable_id("dicom-patient-without-id", study_uid)
         return tx.read_or_none("Patient", pid) or tx.create(patient, resource_id=pid)
     criteria = urlencode({"identifier": f"{ident['system']}|{ident['value']}"})
-    found = tx.match_one("Patient", criteria, label="Patient identifier")
-    if found is not None:
-        return found  # the EHR's record wins over the modality's copy of the demographics
+    found = tx.find("Patient", criteria, limit=2)
+    if found:
+        # the EHR's record wins over the modality's copy of the demographics; with duplicates
+        # (a merge the EHR has not done yet) the oldest id is used, the same one every time
+        return sorted(found, key=lambda p: p.id)[0]
     return tx.create(patient, resource_id=stable_id("dicom-patient", ident["system"], ident["value"]))
 
 
@@ -212,7 +216,8 @@ def upsert_imaging_study(tx: Transaction, study_uid: str, headers: Sequence[Inst
     ImagingStudy is not versioned again."""
     patient = upsert_patient(tx, headers[0].ds, study_uid)
     criteria = urlencode({"identifier": f"{DICOM_UID_SYSTEM}|urn:oid:{study_uid}"})
-    existing = tx.match_one("ImagingStudy", criteria, label="ImagingStudy identifier")
+    matches = tx.find("ImagingStudy", criteria, limit=2)
+    existing = sorted(matches, key=lambda m: m.id)[0] if matches else None
     current = existing.resource if existing is not None else None
     subject = (current or {}).get("subject", {}).get("reference") or patient.reference
     wanted = build_imaging_study(study_uid, headers, subject, current)

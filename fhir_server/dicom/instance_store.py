@@ -17,11 +17,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from fhir_server.queue import enqueue_in
 from fhir_server.queue.tables import QueueJob
-from fhir_server.storage import Repository
+from fhir_server.storage import Repository, StorageBusy, VersionConflict
 
 from .tables import DicomInstance, DicomStudy
 
@@ -105,10 +106,24 @@ class InstanceStore:
             if not valid_uid(uid):
                 raise ValueError(f"not a valid DICOM UID: {uid!r}")
         digest = hashlib.sha256(data).hexdigest()
+        for attempt in range(5):
+            try:
+                return self._save(data, digest, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+                                  sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
+                                  calling_ae=calling_ae, own_output=own_output)
+            except (IntegrityError, VersionConflict, StorageBusy):
+                # two associations created the same study / instance row at once (PostgreSQL):
+                # the row exists now, so the next attempt takes the update path
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _save(self, data: bytes, digest: str, *, study_uid: str, series_uid: str, sop_uid: str,
+              sop_class_uid: str, transfer_syntax: str, calling_ae: str, own_output: bool) -> Receipt:
         path = self.path_for(study_uid, sop_uid)
         with self.repo.transaction() as tx:
             session = tx.session
-            row = session.get(DicomInstance, sop_uid)
+            row = session.get(DicomInstance, sop_uid, with_for_update=True)
             now = utcnow()
             if row is not None and row.sha256 == digest and row.study_uid == study_uid and Path(row.path).exists():
                 row.times_received += 1
@@ -119,7 +134,7 @@ class InstanceStore:
             outcome = "new" if row is None else "changed"
             if row is not None and row.study_uid != study_uid:
                 # the same SOP instance now claims another study: the old study loses it
-                old = session.get(DicomStudy, row.study_uid)
+                old = session.get(DicomStudy, row.study_uid, with_for_update=True)
                 if old is not None:
                     old.revision += 1
                     old.last_received = now
@@ -137,7 +152,9 @@ class InstanceStore:
             session.add(row)
             if own_output:  # our own result coming back must not trigger an analysis of itself
                 return Receipt(sop_uid, study_uid, path, outcome)
-            study = session.get(DicomStudy, study_uid) or DicomStudy(study_uid=study_uid, last_received=now)
+            # FOR UPDATE (PostgreSQL; SQLite's write transactions are serial anyway): concurrent
+            # associations adding to one study must not lose a revision or queue two settle jobs
+            study = session.get(DicomStudy, study_uid, with_for_update=True) or DicomStudy(study_uid=study_uid, last_received=now)
             study.revision += 1
             study.last_received = now
             study.state = "receiving"

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 import mappings
 from fhir_server import imaging
+from fhir_server.imaging.dicomweb import MAX_STUDY_INSTANCES
 from fhir_server.queue import TaskDef, TransientError, enqueue_in, register_task, wake
 from fhir_server.resources import stable_id
 from fhir_server.storage import Repository, Transaction
@@ -74,6 +75,9 @@ def select_images(headers: list[InstanceHeader]) -> imaging.StudyFetch:
             continue
         ref = imaging.InstanceRef(h.get("StudyInstanceUID"), h.get("SeriesInstanceUID"), sop, h.get("Modality") or None, view)
         images.append(imaging.StudyImage(ref, b"", view))
+    if len(images) > MAX_STUDY_INSTANCES:  # the same bound as a DICOMweb retrieval
+        notes.append(f"Only the first {MAX_STUDY_INSTANCES} of {len(images)} images were analysed.")
+        images = images[:MAX_STUDY_INSTANCES]
     return imaging.StudyFetch(images, notes, views)
 
 
@@ -103,7 +107,7 @@ def _task(study_uid: str, revision: int, study_ref: str, patient_ref: str | None
 def _record_refusal(repo: Repository, study_uid: str, revision: int, study_ref: str, patient_ref: str | None,
                     reason: str) -> None:
     with repo.transaction() as tx:
-        row = tx.session.get(DicomStudy, study_uid)
+        row = tx.session.get(DicomStudy, study_uid, with_for_update=True)
         if row is None or row.analysed_revision >= revision:
             return
         task = _task(study_uid, revision, study_ref, patient_ref, status="failed",
@@ -115,7 +119,7 @@ def _record_refusal(repo: Repository, study_uid: str, revision: int, study_ref: 
 
 def _reschedule(repo: Repository, study_uid: str, delay_s: float) -> None:
     with repo.transaction() as tx:
-        row = tx.session.get(DicomStudy, study_uid)
+        row = tx.session.get(DicomStudy, study_uid, with_for_update=True)
         if row is not None:
             ensure_pending(tx.session, row, delay_s)
 
@@ -163,7 +167,7 @@ async def analyze_study(app: Any, payload: dict[str, Any]) -> dict[str, Any] | N
     chosen.images = loaded
 
     def record_in_same_transaction(tx: Transaction, outcome: Any) -> None:
-        current = tx.session.get(DicomStudy, study_uid)
+        current = tx.session.get(DicomStudy, study_uid, with_for_update=True)
         if current is None or current.analysed_revision >= revision:
             raise AlreadyAnalysed()  # rolls this run's report version back
         report = outcome.report
