@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +22,12 @@ CR_SOP = "1.2.840.10008.5.1.4.1.1.1"
 DX_SOP = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROC_SOP = "1.2.840.10008.5.1.4.1.1.1.1.1"
 CT_SOP = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def need(tool: str) -> str:

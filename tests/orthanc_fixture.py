@@ -133,14 +133,15 @@ def start_orthanc(workdir: Path, *, modalities: dict[str, list] | None = None, t
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            stop_orthanc(proc)
+            stop_process(proc)
             raise RuntimeError(f"Orthanc did not answer within {timeout} s")
         time.sleep(0.2)
     log.close()
     return server, proc
 
 
-def stop_orthanc(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 20 s (Orthanc, or any server a test started)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -157,5 +158,5 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     try:
         yield server
     finally:
-        stop_orthanc(proc)
+        stop_process(proc)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import socket
 
 import pytest
-from dicom_support import dicom_server, make_file, scp_port, wait_done
+from dicom_support import dicom_server, free_port, make_file, scp_port, wait_done
 from live_server import tiny_test_analyzer
 
 from fhir_server.cli import main
@@ -17,12 +16,6 @@ from fhir_server.dicom.cli import parse_destination
 def server(tmp_path_factory):
     with dicom_server(tmp_path_factory.mktemp("cxr-dicom-cli"), analyzer=tiny_test_analyzer()) as srv:
         yield srv
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_parse_destination():

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from dicom_support import CR_SOP, make_file
-from orthanc_fixture import orthanc  # noqa: F401 - the fixture
+from dicom_support import CR_SOP, free_port, make_file
+from orthanc_fixture import orthanc, stop_process  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY = "1.2.826.0.1.3680043.10.546.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +62,7 @@ def served(tmp_path_factory):
             time.sleep(0.3)
         yield root, dicom_port, data
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
         log.close()
 
 

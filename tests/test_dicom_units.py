@@ -16,7 +16,7 @@ from fhir_server.dicom.fhir_side import (
     InstanceHeader, _started, build_imaging_study, build_patient, patient_identifier, upsert_imaging_study,
 )
 from fhir_server.dicom.instance_store import InstanceStore, job_key, utcnow
-from fhir_server.dicom.tables import DicomInstance, DicomStudy, create_dicom_tables
+from fhir_server.dicom.tables import create_dicom_tables
 from fhir_server.queue.store import create_queue_table
 from fhir_server.queue.tables import QueueJob
 
