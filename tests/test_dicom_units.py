@@ -195,3 +195,20 @@ def test_pydicom_reads_what_the_store_wrote(tmp_path):
 
     headers, notes = read_headers([str(path), str(tmp_path / "missing.dcm")])
     assert [h.get("PatientID") for h in headers] == ["1"] and len(notes) == 1
+
+
+def test_frontal_selection_uses_view_position_and_laterality():
+    from fhir_server.dicom.intake import select_images
+
+    cases = {
+        "1": ds(SOPInstanceUID=f"{STUDY}.1.1", ViewPosition="PA"),
+        "2": ds(SOPInstanceUID=f"{STUDY}.1.2", ViewPosition="LL"),
+        "3": ds(SOPInstanceUID=f"{STUDY}.1.3", ImageLaterality="L"),  # one side, no view: skipped
+        "4": ds(SOPInstanceUID=f"{STUDY}.1.4", ViewPosition="AP", ImageLaterality="R"),  # view wins
+        "5": ds(SOPInstanceUID=f"{STUDY}.1.5"),  # nothing recorded: the gate decides
+    }
+    chosen = select_images([InstanceHeader(d, f"/{k}.dcm") for k, d in cases.items()])
+    assert [i.ref.sop_uid.rsplit(".", 1)[1] for i in chosen.images] == ["1", "4", "5"]
+    assert len(chosen.notes) == 2 and "laterality L" in chosen.notes[1]
+    many = select_images([InstanceHeader(ds(SOPInstanceUID=f"{STUDY}.2.{i}", ViewPosition="PA"), "/x") for i in range(20)])
+    assert len(many.images) == 16 and "16 of 20" in many.notes[-1]

@@ -61,7 +61,8 @@ def read_headers(paths: list[str]) -> tuple[list[InstanceHeader], list[str]]:
 
 def select_images(headers: list[InstanceHeader]) -> imaging.StudyFetch:
     """Frontal views only: view position (ViewPosition, ViewCodeSequence, PatientOrientation)
-    must not say lateral; the gate judges the rest when the image is analysed."""
+    must not say lateral, and an image of one side (ImageLaterality L/R) needs a frontal view
+    position; the gate judges the rest when the image is analysed."""
     images: list[imaging.StudyImage] = []
     notes: list[str] = []
     views: list[str] = []
@@ -72,6 +73,12 @@ def select_images(headers: list[InstanceHeader]) -> imaging.StudyFetch:
             views.append(view)
         if mappings.is_frontal(view) is False:
             notes.append(f"Skipped instance {sop}: {view} view is not frontal.")
+            continue
+        side = (h.get("ImageLaterality") or h.get("Laterality")).upper()
+        if view is None and side in ("L", "R"):
+            # a frontal chest film shows both sides; a one-sided image without a view position is
+            # how some devices label a lateral (or a different body part): not analysed as frontal
+            notes.append(f"Skipped instance {sop}: laterality {side} and no view position, not a frontal view.")
             continue
         ref = imaging.InstanceRef(h.get("StudyInstanceUID"), h.get("SeriesInstanceUID"), sop, h.get("Modality") or None, view)
         images.append(imaging.StudyImage(ref, b"", view))
