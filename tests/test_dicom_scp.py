@@ -309,3 +309,45 @@ def test_shared_samples_one_report_per_study_and_the_cat_refused(shared_data, bu
             assert len(jobs(srv, "results.deliver")) == 3
     finally:
         analyzer.close()
+
+
+def test_compressed_instances_are_received_in_their_own_transfer_syntax(server, tmp_path, capsys):
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    from fhir_server.cli import main
+
+    study = "1.2.826.0.1.3680043.10.543.9"
+    paths = []
+    for i, syntax in enumerate((JPEG2000Lossless, RLELossless), 1):
+        path = make_file(tmp_path, study, f"{study}.1", f"{study}.1.{i}")
+        ds = pydicom.dcmread(path)
+        ds.compress(syntax, generate_instance_uid=False)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    assert main(["dicom", "send", *map(str, paths), "--to", f"CXR@127.0.0.1:{scp_port(server)}"]) == 0
+    assert "2 stored, 0 not stored" in capsys.readouterr().out
+    with server.app.state.store.transaction(write=False) as tx:
+        rows = [tx.session.get(DicomInstance, f"{study}.1.{i}") for i in (1, 2)]
+    assert [r.transfer_syntax for r in rows] == [JPEG2000Lossless, RLELossless]
+    assert pydicom.dcmread(rows[0].path).file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert wait_done(server, study).state == "analysed"
+    sid = study_id(server, study)
+    [report] = search(server, f"DiagnosticReport?study=ImagingStudy/{sid}")
+    assert len(report["presentedForm"]) == 2  # both decoded and analysed
+
+
+def test_a_transfer_syntax_ingest_cannot_decode_is_not_negotiated(server, tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    ae = AE(ae_title="DEFLATER")
+    ae.add_requested_context(DX_PROC_SOP, [DeflatedExplicitVRLittleEndian])
+    ae.add_requested_context(CR_SOP, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", scp_port(server), ae_title="CXR")
+    try:
+        assert assoc.is_established  # the association stands; only that context is refused
+        accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
+        assert accepted == {(CR_SOP, ExplicitVRLittleEndian)}
+        assert [str(c.abstract_syntax) for c in assoc.rejected_contexts] == [DX_PROC_SOP]
+    finally:
+        assoc.release()
