@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fhir_server.auth.cli import add_subcommand as add_clients
 
     add_clients(sub)  # clients add|list|remove (issue 10)
+    from fhir_server.dicom.cli import add_subcommand as add_dicom
+
+    add_dicom(sub)  # dicom echo / send (issue 12)
     return parser
 
 

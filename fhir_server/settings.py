@@ -68,6 +68,23 @@ class Settings(BaseSettings):
     queue_lease_s: float = Field(60.0, gt=0, description="A running job's lease; a dead worker's jobs are resumed after it")
     queue_poll_s: float = Field(1.0, gt=0, description="How often an idle worker looks for new jobs")
 
+    # ---- DICOM node: receiving studies from the PACS (issue 12)
+    dicom_port: int | None = Field(
+        None, ge=0, le=65535, description="Listen for DICOM (C-ECHO, C-STORE) on this port; unset = no DICOM listener"
+    )
+    dicom_host: str | None = Field(None, description="Address the DICOM listener binds (default: CXR_HOST)")
+    dicom_ae_title: str = Field("CXR", min_length=1, max_length=16, description="Our AE title (Called AE)")
+    dicom_allowed_aes: list[str] = Field(
+        default_factory=list, description="Calling AE titles allowed to associate (empty = any); JSON list"
+    )
+    dicom_study_settle_s: float = Field(
+        10.0, ge=0, description="A study is analysed once no instance has arrived for this many seconds"
+    )
+    dicom_max_instance_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="Largest accepted instance; bigger ones are refused (0xA700)"
+    )
+    dicom_storage_dir: Path | None = Field(None, description="Where received instances are kept (default: <data_dir>/dicom)")
+
     # Fetching images by URL / DICOMweb
     fetch_allowed_hosts: list[str] = Field(default_factory=list, description="Hosts Media.content.url and DICOMweb may reach")
     fetch_timeout_s: float = 10.0
@@ -111,6 +128,10 @@ class Settings(BaseSettings):
     @property
     def onnx_cache_dir(self) -> Path:
         return self.engine_cache_dir or self.data_dir / "onnx-cache"
+
+    @property
+    def dicom_dir(self) -> Path:
+        return self.dicom_storage_dir or self.data_dir / "dicom"
 
     @property
     def sqlalchemy_url(self) -> str:

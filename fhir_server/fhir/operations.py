@@ -109,6 +109,7 @@ class AnalyzeOutcome:
     report: StoredResource
     input_reference: str
     headers: dict[str, str] = field(default_factory=dict)
+    instance_uids: list[str] = field(default_factory=list)  # SOPInstanceUIDs analysed (studies)
 
 
 async def _json_body(request: Request) -> Json | None:
@@ -204,12 +205,14 @@ AfterWrite = Callable[[Transaction, "AnalyzeOutcome"], None]
 
 async def run_analysis(
     app: Any, req: AnalyzeRequest, *, progress: Progress | None = None, after_write: AfterWrite | None = None,
-    wait_when_busy: bool = False,
+    wait_when_busy: bool = False, study: imaging.StudyFetch | None = None,
 ) -> AnalyzeOutcome:
     """Fetch pixels, analyse, write every output in one transaction, return the result Bundle.
     `after_write(tx, outcome)` runs inside that same transaction (the async Task update).
     `wait_when_busy`: an accepted async job waits for room in the inference queue (as Retry-After
-    says) instead of failing with 503; a synchronous request gets the 503 and retries itself."""
+    says) instead of failing with 503; a synchronous request gets the 503 and retries itself.
+    `study`: an ImagingStudy's images already at hand (the DICOM listener's received files)
+    instead of retrieving them over its DICOMweb Endpoint."""
     settings = app.state.settings
     repo: Repository = app.state.store
     analyzer = require_analyzer(app.state)
@@ -239,7 +242,8 @@ async def run_analysis(
         images.append(fr.ImageResult(analysis))
     else:
         note("retrieving study")
-        study = await imaging.study_images(req.resource, policy=policy, read_resource=read_resource)
+        if study is None:
+            study = await imaging.study_images(req.resource, policy=policy, read_resource=read_resource)
         notes += study.notes
         views += study.views
         first_error: CXRError | None = None
@@ -338,7 +342,9 @@ def _write_results(
         status = 201 if report.created else 200
         where = report.location(req.base)
         headers = {"Location": where} if status == 201 else {"Content-Location": where}
-        outcome = AnalyzeOutcome(status, bundle, report, input_ref, headers)
+        outcome = AnalyzeOutcome(
+            status, bundle, report, input_ref, headers, [i.instance_uid for i in images if i.instance_uid]
+        )
         if after_write is not None:
             after_write(tx, outcome)
         return outcome

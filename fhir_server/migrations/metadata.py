@@ -12,6 +12,7 @@ TABLE_MODULES = (
     "fhir_server.storage.tables",
     "fhir_server.queue.tables",
     "fhir_server.auth.tables",
+    "fhir_server.dicom.tables",
 )
 
 

@@ -60,6 +60,8 @@ _PARAMS: dict[str, list[SearchParam]] = {
         _sp("result", "reference", "result", "DiagnosticReport-result", "Link to an atomic result (Observation)"),
         _sp("media", "reference", "media.link", "DiagnosticReport-media", "A reference to the image source"),
         _sp("based-on", "reference", "basedOn", "DiagnosticReport-based-on", "Reference to the service request"),
+        # not in R4 core (R5 defines it): how a PACS-driven EHR finds the AI report of a study (issue 12)
+        _sp("study", "reference", "imagingStudy", "DiagnosticReport-study", "The ImagingStudy the report is about", ("ImagingStudy",)),
         _sp("conclusion", "token", "conclusionCode", "DiagnosticReport-conclusion", "A coded conclusion on the report"),
     ],
     "Observation": [
