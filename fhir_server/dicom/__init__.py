@@ -1,0 +1,1 @@
+"""DICOM node: receive studies, write SR and SC, deliver results."""
