@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI
 from fhir_server import health, jobs, legacy, web
 from fhir_server.errors import install_error_handlers
 from fhir_server.auth import require_auth
+from fhir_server.dicom.delivery import delivery_lifespan
 from fhir_server.fhir import install_fhir, store_lifespan
 from fhir_server.inference import InferencePool
 from fhir_server.queue import queue_lifespan
@@ -36,6 +37,7 @@ LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 # app.state.store (FHIR storage), the durable job queue (app.state.queue, app.state.queue_worker),
 # then $analyze jobs (fails interrupted Tasks, seeds OperationDefinitions)
 LIFESPAN_HOOKS: list[LifespanHook] = [store_lifespan, queue_lifespan, jobs.lifespan_hook]
+LIFESPAN_HOOKS.append(delivery_lifespan)  # issue 12: results.deliver + dicom.store/dicomweb.stow/hl7.oru jobs
 # -------------------------------------------------------------------------------------------------
 
 
