@@ -36,6 +36,7 @@ from typing import Any
 from fhir.resources.R4B.task import Task
 from pydantic import BaseModel, Field, ValidationError
 from pydicom.dataset import Dataset
+from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 import mappings
@@ -227,8 +228,11 @@ async def deliver_results(app: Any, raw: Json) -> Json | None:
     todo = routes(app.state.settings)
     if not todo:
         return {"report": payload.report, "deliveries": [], "note": "no destination configured"}
-    rs, objects, message = await run_in_threadpool(_build, app, payload, todo)
-    tasks = await run_in_threadpool(_fan_out, app, rs, objects, message, todo, payload.imaging_study)
+    try:
+        rs, objects, message = await run_in_threadpool(_build, app, payload, todo)
+        tasks = await run_in_threadpool(_fan_out, app, rs, objects, message, todo, payload.imaging_study)
+    except OperationalError as exc:  # database briefly away: the whole step is redone, idempotently
+        raise TransientError(f"database unavailable: {exc}") from exc
     wake(app)
     return {
         "report": rs.versioned_ref,
@@ -265,8 +269,8 @@ def _read_task(repo: Repository, task_id: str) -> Json | None:
 
 async def _started(app: Any, task_id: str) -> Json | None:
     task = await run_in_threadpool(_read_task, app.state.store, task_id)
-    if task is None or task.get("status") in ("completed", "failed", "cancelled"):
-        return task
+    if task is None or task.get("status") in ("completed", "failed", "cancelled", "in-progress"):
+        return task  # a retry keeps the Task as the last failure left it (one version per attempt)
     period = task.get("executionPeriod") or {"start": _now()}
     return await run_in_threadpool(
         _update_task, app.state.store, task_id, status="in-progress", executionPeriod=period,
