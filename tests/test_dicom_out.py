@@ -83,6 +83,15 @@ def wait_tasks(client, report: str, count: int, status: str = "completed", timeo
     return wait_until(done, timeout=timeout, interval=0.2)
 
 
+def assert_dciodvfy_clean(path: Path) -> None:
+    """dicom3tools' validator finds no errors (warnings are allowed); skipped where not installed."""
+    if not shutil.which("dciodvfy"):
+        return
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    errors = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
+    assert not errors, f"{path.name}: {errors}"
+
+
 def enqueue(client, payload: dict) -> str:
     app = client.app
     job = app.state.queue.enqueue(delivery.DELIVER, payload)
@@ -149,11 +158,7 @@ def test_sr_and_sc_carry_what_fhir_recorded(tmp_path: Path) -> None:
 
     for name, obj in (("sr.dcm", sr), ("sc.dcm", sc)):
         obj.save_as(tmp_path / name, enforce_file_format=True)
-    if shutil.which("dciodvfy"):
-        for name in ("sr.dcm", "sc.dcm"):
-            out = subprocess.run(["dciodvfy", str(tmp_path / name)], capture_output=True, text=True, timeout=60)
-            errors = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
-            assert not errors, f"{name}: {errors}"
+        assert_dciodvfy_clean(tmp_path / name)
     if shutil.which("dsrdump"):
         dump = subprocess.run(["dsrdump", str(tmp_path / "sr.dcm")], capture_output=True, text=True, timeout=60).stdout
         assert '(233604007,SCT,"Pneumonia")' in dump and '"Probability"' in dump and "SCOORD" in dump
@@ -401,3 +406,74 @@ def test_malformed_destinations_are_refused() -> None:
             parse_destination(bad)
     with pytest.raises(ValueError):
         delivery._host_port("no-port")
+
+
+def test_study_of_two_images_refers_each_finding_to_its_own_image(tmp_path: Path) -> None:
+    """$analyze of an ImagingStudy (DICOMweb, respx): pneumonia comes from the PA image, effusion
+    from the AP one; the SR's regions and the SCs must point at those images, not the first one."""
+    import httpx
+    import respx
+    from dicomweb_fixtures import PACS, endpoint, imaging_study, make_instance, multipart, qido_json
+
+    study_uid = "1.2.826.0.1.3680043.8.498.4242"
+    pa = make_instance(study_uid, f"{study_uid}.1", f"{study_uid}.1.1", view="PA", quadrant="top_left")
+    ap = make_instance(study_uid, f"{study_uid}.2", f"{study_uid}.2.1", view="AP", quadrant="bottom_right")
+    paths = []
+    for inst in (pa, ap):
+        paths.append(tmp_path / f"{inst.sop_uid}.dcm")
+        paths[-1].write_bytes(inst.data)
+    with make_client(tmp_path) as client:
+        assert client.put("/fhir/Endpoint/pacs", json=endpoint()).status_code in (200, 201)
+        created = client.post("/fhir/ImagingStudy", json=imaging_study(study_uid)).json()
+        with respx.mock:
+            respx.get(f"{PACS}/studies/{study_uid}/instances").mock(return_value=httpx.Response(
+                200, json=qido_json(study_uid, [pa, ap]), headers={"content-type": "application/dicom+json"}))
+            for inst in (pa, ap):
+                body, ctype = multipart(inst.data)
+                respx.get(f"{PACS}/studies/{study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}").mock(
+                    return_value=httpx.Response(200, content=body, headers={"content-type": ctype}))
+            response = client.post(f"/fhir/ImagingStudy/{created['id']}/$analyze")
+        assert response.status_code == 201, response.text
+        report = f"DiagnosticReport/{response.json()['entry'][0]['resource']['id']}"
+        rs = read_result_set(client.app.state.store, report, [str(p) for p in paths])
+    source_of = {f.label: f.source_uid for f in rs.findings}
+    assert source_of["pneumonia"] == pa.sop_uid and source_of["effusion"] == ap.sop_uid
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(build_sr(rs))
+    region_source = {
+        g.finding_type.meaning: g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for g in parsed.content.get_planar_roi_measurement_groups()
+    }
+    assert region_source == {"Pneumonia": pa.sop_uid, "Pleural effusion": ap.sop_uid}
+    library = parsed.content[0].ContentSequence
+    listed = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+              for c in library if c.ValueType == "CONTAINER" and c.ConceptNameCodeSequence[0].CodeValue == "111028"
+              for grp in c.ContentSequence for i in grp.ContentSequence if i.ValueType == "IMAGE"}
+    assert listed == {pa.sop_uid, ap.sop_uid}
+    sc_source = {sc.ImageComments.split(".")[1].split(" p=")[0].strip(): sc.SourceImageSequence[0].ReferencedSOPInstanceUID
+                 for sc in build_scs(rs)}
+    assert sc_source["Pneumonia"] == pa.sop_uid and sc_source["Effusion"] == ap.sop_uid
+
+
+REAL_SAMPLES = (
+    "barre_CR-MONO1-10-chest_nometa.dcm",  # no file meta, MONOCHROME1
+    "nih_google_dx_secondary_capture_nofinding.dcm",  # SC source, odd Patient Age
+    "siim_cr_pa_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",  # JPEG Baseline
+)
+
+
+@pytest.mark.parametrize("name", REAL_SAMPLES)
+def test_real_dicom_samples_give_valid_sr_and_sc(tmp_path: Path, shared_data: Path, name: str) -> None:
+    source = shared_data / "dicom" / name
+    if not source.is_file():
+        pytest.skip(f"{source} not present")
+    path = tmp_path / "src.dcm"
+    path.write_bytes(source.read_bytes())
+    with make_client(tmp_path) as client:
+        report = analyse(client, path)
+        rs = read_result_set(client.app.state.store, report, [str(path)])
+    objects = [build_sr(rs), *build_scs(rs)]
+    assert len(objects) >= 2
+    for i, obj in enumerate(objects):
+        assert obj.StudyInstanceUID == rs.study_uid
+        obj.save_as(tmp_path / f"out{i}.dcm", enforce_file_format=True)
+        assert_dciodvfy_clean(tmp_path / f"out{i}.dcm")

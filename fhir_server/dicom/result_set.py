@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pydicom.errors
+import pydicom.uid
 from pydicom.dataset import Dataset
 
 import mappings
@@ -155,13 +157,46 @@ def finding_of(obs: Json) -> FindingResult:
     )
 
 
+# Type 2 attributes of the Patient and General Study modules that our SR/SC copy from the source;
+# real images often omit them, and highdicom needs them present (empty is what Type 2 allows).
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+_AGE = re.compile(r"^\d{3}[DWMY]$")
+
+
+def _complete(ds: Dataset) -> Dataset:
+    for keyword in _TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, None)
+    # an invalid source value would make our own objects invalid too (seen in the wild: "81" for
+    # "081Y"); Patient Age is optional, so it is left out rather than guessed
+    if "PatientAge" in ds and not _AGE.match(str(ds.PatientAge or "")):
+        del ds.PatientAge
+    return ds
+
+
+def _read(path: str) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError:
+        # an old ACR-NEMA style file without preamble/file meta: implicit VR little endian
+        ds = pydicom.dcmread(path, force=True)
+        if "TransferSyntaxUID" not in ds.file_meta:
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:
+            raise
+        return ds
+
+
 def load_sources(paths: list[str]) -> list[Dataset]:
     sources = []
     for path in paths:
         if not Path(path).is_file():
             raise ResultSetError(f"Source DICOM file {path} is missing")
         try:
-            sources.append(pydicom.dcmread(path))
+            sources.append(_complete(_read(path)))
         except Exception as exc:  # pydicom raises many types for a damaged file
             raise ResultSetError(f"Source DICOM file {path} cannot be read: {exc}") from exc
     if not sources:

@@ -18,6 +18,7 @@ modules correctly; hand-building them with pydicom is how SRs end up invalid). L
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -43,7 +44,6 @@ from highdicom.sr import (
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 import mappings
 
@@ -59,13 +59,15 @@ _SCHEMES = {
 PROBABILITY = codes.DCM.Probability
 UNIT_ONE = CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER = 9001
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "http://cxr-fhir.org/dicom/uid")
 SR_DESCRIPTION = "AI RESULT - PRELIMINARY, NOT A DIAGNOSIS"
 
 
 def uid_for(*parts: str) -> str:
     """A deterministic 2.25 UID: re-delivering the same report version reuses the same UIDs, so a
     PACS that receives it twice stores one object, and a new version becomes a new instance."""
-    return generate_uid(prefix=None, entropy_srcs=["cxr-fhir", *parts])
+    # pydicom's generate_uid ignores entropy_srcs under the 2.25 root, so derive the UUID ourselves
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(parts)).int}"
 
 
 def coded(code: mappings.Code) -> CodedConcept:
