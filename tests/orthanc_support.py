@@ -83,7 +83,9 @@ class OrthancServer:
                 self.process.wait(timeout=5)
 
 
-def start_orthanc(workdir: Path, *, dicom_port: int | None = None, http_port: int | None = None) -> OrthancServer:
+def start_orthanc(
+    workdir: Path, *, dicom_port: int | None = None, http_port: int | None = None, extra: dict | None = None
+) -> OrthancServer:
     plugin = require_orthanc()
     workdir.mkdir(parents=True, exist_ok=True)
     http_port = http_port or free_port()
@@ -109,6 +111,7 @@ def start_orthanc(workdir: Path, *, dicom_port: int | None = None, http_port: in
         "ConcurrentJobs": 1,
         "StableAge": 1,
     }
+    config.update(extra or {})
     cfg = workdir / "orthanc.json"
     cfg.write_text(json.dumps(config))
     log = workdir / "orthanc.log"

@@ -477,3 +477,45 @@ def test_real_dicom_samples_give_valid_sr_and_sc(tmp_path: Path, shared_data: Pa
         assert obj.StudyInstanceUID == rs.study_uid
         obj.save_as(tmp_path / f"out{i}.dcm", enforce_file_format=True)
         assert_dciodvfy_clean(tmp_path / f"out{i}.dcm")
+
+
+def test_compose_example_routes_cr_dx_to_us_and_keeps_our_results(tmp_path: Path) -> None:
+    """deploy/compose.pacs.yaml's Orthanc rule, run in a real Orthanc: a DX it stores is forwarded
+    to the "cxr" modality; the SR we send back is not (no loop)."""
+    import yaml
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    from fhir_server.dicom.store_scu import parse_destination, store
+
+    require_orthanc()
+    compose = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "compose.pacs.yaml").read_text())
+    lua = tmp_path / "forward.lua"
+    lua.write_text(compose["configs"]["forward-lua"]["content"])
+    assert "CXR_DICOM_DESTINATION" in compose["services"]["cxr"]["environment"]
+
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    scp = AE(ae_title="CXR")
+    scp.supported_contexts = AllStoragePresentationContexts
+    scp_port = free_port()
+    server = scp.start_server(("127.0.0.1", scp_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    orthanc = None
+    try:
+        orthanc = start_orthanc(tmp_path / "pacs", extra={
+            "LuaScripts": [str(lua)], "DicomModalities": {"cxr": ["CXR", "127.0.0.1", scp_port]}})
+        path, ds = source_file(tmp_path)
+        with make_client(tmp_path) as client:
+            rs = read_result_set(client.app.state.store, analyse(client, path), [str(path)])
+        sr = build_sr(rs)
+        store(parse_destination(orthanc.destination), [ds, sr], calling_ae="MODALITY", timeout_s=10)
+        wait_until(lambda: ds.SOPInstanceUID in received, timeout=30)
+        time.sleep(1.0)  # give a wrongly forwarded SR the time to arrive too
+        assert received == [ds.SOPInstanceUID]
+    finally:
+        server.shutdown()
+        if orthanc is not None:
+            orthanc.stop()
