@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import highdicom as hd
-import numpy as np
 import pydicom
 import pytest
 from analyze_support import make_client, wait_until

@@ -278,14 +278,14 @@ async def _started(app: Any, task_id: str) -> Json | None:
     )
 
 
-def _attempts(app: Any, kind: str, task: Json) -> tuple[int, int]:
+def _attempts(app: Any, task: Json) -> tuple[int, int]:
     key = ((task.get("identifier") or [{}])[0]).get("value")
     job = app.state.queue.find(key) if key and getattr(app.state, "queue", None) else None
     return (job.attempts, job.max_attempts) if job is not None else (1, 1)
 
 
-async def _retry_later(app: Any, kind: str, task: Json, reason: str) -> None:
-    attempts, most = await run_in_threadpool(_attempts, app, kind, task)
+async def _retry_later(app: Any, task: Json, reason: str) -> None:
+    attempts, most = await run_in_threadpool(_attempts, app, task)
     if attempts >= most:
         await _failed(app, task, f"{reason} (gave up after {attempts} attempts)")
     else:
@@ -329,7 +329,7 @@ def _load_objects(repo: Repository, ids: list[str]) -> list[bytes]:
 # ---------------------------------------------------------------------------------- destinations
 
 
-async def _delivery(app: Any, kind: str, raw: Json) -> tuple[DeliveryPayload, Json] | None:
+async def _delivery(app: Any, raw: Json) -> tuple[DeliveryPayload, Json] | None:
     payload = DeliveryPayload.model_validate(raw)
     task = await _started(app, payload.task)
     if task is None:
@@ -340,7 +340,7 @@ async def _delivery(app: Any, kind: str, raw: Json) -> tuple[DeliveryPayload, Js
 
 
 async def deliver_dicom_store(app: Any, raw: Json) -> Json | None:
-    found = await _delivery(app, DICOM_STORE, raw)
+    found = await _delivery(app, raw)
     if found is None:
         return {"skipped": "already recorded"}
     payload, task = found
@@ -352,7 +352,7 @@ async def deliver_dicom_store(app: Any, raw: Json) -> Json | None:
             store_scu.store, dest, datasets, calling_ae=_calling_ae(settings), timeout_s=settings.dicom_timeout_s
         )
     except store_scu.StoreUnavailable as exc:
-        await _retry_later(app, DICOM_STORE, task, str(exc))
+        await _retry_later(app, task, str(exc))
         raise AssertionError("unreachable")
     except (store_scu.StoreRefused, ResultSetError, ValueError) as exc:
         await _failed(app, task, str(exc))
@@ -366,7 +366,7 @@ async def deliver_dicom_store(app: Any, raw: Json) -> Json | None:
 
 
 async def deliver_dicomweb_stow(app: Any, raw: Json) -> Json | None:
-    found = await _delivery(app, DICOMWEB_STOW, raw)
+    found = await _delivery(app, raw)
     if found is None:
         return {"skipped": "already recorded"}
     payload, task = found
@@ -377,7 +377,7 @@ async def deliver_dicomweb_stow(app: Any, raw: Json) -> Json | None:
         async with new_client() as client:
             result = await stow_client.stow(payload.destination, objects, policy=policy, client=client)
     except stow_client.StowUnavailable as exc:
-        await _retry_later(app, DICOMWEB_STOW, task, str(exc))
+        await _retry_later(app, task, str(exc))
         raise AssertionError("unreachable")
     except (stow_client.StowRefused, ResultSetError) as exc:
         await _failed(app, task, str(exc))
@@ -393,7 +393,7 @@ async def deliver_dicomweb_stow(app: Any, raw: Json) -> Json | None:
 
 
 async def deliver_hl7_oru(app: Any, raw: Json) -> Json | None:
-    found = await _delivery(app, HL7_ORU, raw)
+    found = await _delivery(app, raw)
     if found is None:
         return {"skipped": "already acknowledged"}
     payload, task = found
@@ -404,12 +404,12 @@ async def deliver_hl7_oru(app: Any, raw: Json) -> Json | None:
     try:
         ack = await mllp.send(host, port, payload.message, timeout_s=app.state.settings.hl7_ack_timeout_s)
     except mllp.MllpError as exc:
-        await _retry_later(app, HL7_ORU, task, str(exc))
+        await _retry_later(app, task, str(exc))
         raise AssertionError("unreachable")
     if ack.control_id and ack.control_id != payload.control_id:
-        await _retry_later(app, HL7_ORU, task, f"ACK for another message ({ack.control_id}, sent {payload.control_id})")
+        await _retry_later(app, task, f"ACK for another message ({ack.control_id}, sent {payload.control_id})")
     if not ack.accepted:
-        await _retry_later(app, HL7_ORU, task, f"receiver answered {ack.code}" + (f": {ack.text}" if ack.text else ""))
+        await _retry_later(app, task, f"receiver answered {ack.code}" + (f": {ack.text}" if ack.text else ""))
     outputs = [
         {"type": {"text": "hl7-ack-code"}, "valueString": ack.code},
         {"type": {"text": "hl7-message-control-id"}, "valueString": payload.control_id},

@@ -32,6 +32,19 @@ _MOST_PROBABLE = re.compile(rf"most probable image: .*?image ({_UID})\s*$")
 _HEATMAP_ON = re.compile(rf" on .*?image ({_UID}) of ")
 
 
+LOCAL_SCHEME = "99CXR"  # private coding scheme designator for our cxr-findings codes
+_SCHEMES = {
+    mappings.SNOMED: "SCT",
+    "http://loinc.org": "LN",
+    "http://dicom.nema.org/resources/ontology/DCM": "DCM",
+}
+
+
+def scheme_designator(system: str) -> str:
+    """FHIR code system URL -> the DICOM / HL7 v2 coding scheme designator (SCT, LN, DCM, 99CXR)."""
+    return _SCHEMES.get(system, LOCAL_SCHEME)
+
+
 class ResultSetError(Exception):
     """The stored analysis or its source files cannot be delivered (not worth retrying)."""
 
@@ -97,6 +110,14 @@ class ResultSet:
     def impression(self) -> str:
         """The conclusion without the disclaimer sentence (added back separately where needed)."""
         return self.conclusion.replace(DISCLAIMER, "").strip()
+
+    @property
+    def procedure_code(self) -> mappings.Code:
+        """The report's LOINC code (36554-4 single view, 36643-5 when a lateral was part of the exam)."""
+        for coding in (self.report.get("code") or {}).get("coding") or []:
+            if coding.get("system") == "http://loinc.org" and coding.get("code"):
+                return mappings.Code(coding["system"], coding["code"], coding.get("display") or coding["code"])
+        return mappings.report_code("single_view")
 
     def source(self, uid: str | None) -> Dataset:
         """The source image a finding refers to; the first one when the record does not say."""

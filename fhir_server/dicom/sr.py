@@ -47,15 +47,9 @@ from pydicom.sr.codedict import codes
 
 import mappings
 
-from .result_set import FindingResult, ResultSet
+from .result_set import FindingResult, ResultSet, scheme_designator
 
 MANUFACTURER = "CXR-FHIR"
-LOCAL_SCHEME = "99CXR"  # private coding scheme for our own finding codes (cxr-findings CodeSystem)
-_SCHEMES = {
-    mappings.SNOMED: "SCT",
-    "http://loinc.org": "LN",
-    "http://dicom.nema.org/resources/ontology/DCM": "DCM",
-}
 PROBABILITY = codes.DCM.Probability
 UNIT_ONE = CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER = 9001
@@ -71,10 +65,7 @@ def uid_for(*parts: str) -> str:
 
 
 def coded(code: mappings.Code) -> CodedConcept:
-    scheme = _SCHEMES.get(code.system)
-    if scheme is None:
-        scheme = LOCAL_SCHEME if code.system == mappings.code_system_url() else "99CXRX"
-    return CodedConcept(code.code, scheme, code.display[:64])
+    return CodedConcept(code.code, scheme_designator(code.system), code.display[:64])
 
 
 def finding_code(finding: FindingResult) -> CodedConcept:
@@ -166,7 +157,7 @@ def build_sr(rs: ResultSet) -> Dataset:
     )
     report = MeasurementReport(
         observation_context=observer,
-        procedure_reported=coded(mappings.report_code("single_view")),
+        procedure_reported=coded(rs.procedure_code),
         imaging_measurements=_groups(rs, algo),
         referenced_images=[_library_entry(ds) for ds in rs.sources],
     )

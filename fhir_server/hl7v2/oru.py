@@ -3,8 +3,8 @@
     MSH  control id (MSH-10) = hash of the report version: stable across retries, so a receiver
          that saw it before can recognise the duplicate, and a new report version is a new id
     PID  from the DICOM patient module of the source images (id, issuer, name, birth date, sex)
-    OBR  OBR-3/OBR-18 accession number, OBR-19 Study Instance UID, OBR-4 LOINC 36554-4,
-         OBR-25 P (preliminary)
+    OBR  OBR-3/OBR-18 accession number, OBR-19 Study Instance UID, OBR-4 the report's LOINC code
+         (36554-4 for a single view), OBR-25 P (preliminary)
     OBX  1 per finding: NM probability, OBX-3 the finding code as in mappings/ (SNOMED CT and our
          local code), OBX-6 unit 1, OBX-7 "<operating point", OBX-8 A (present) / N (absent),
          OBX-11 P
@@ -21,11 +21,9 @@ from hl7apy.core import Message
 from pydicom.dataset import Dataset
 
 import mappings
-from fhir_server.dicom.result_set import FindingResult, ResultSet
+from fhir_server.dicom.result_set import FindingResult, ResultSet, scheme_designator
 
 VERSION = "2.5.1"
-_SCHEMES = {mappings.SNOMED: "SCT", "http://loinc.org": "LN", "http://dicom.nema.org/resources/ontology/DCM": "DCM"}
-LOCAL_SYSTEM = "99CXR"
 
 
 def escape(text: str) -> str:
@@ -42,7 +40,7 @@ def control_id(versioned_report: str) -> str:
 
 def _cwe(code: mappings.Code, alternate: mappings.Code | None = None) -> str:
     def triple(c: mappings.Code) -> str:
-        system = _SCHEMES.get(c.system, LOCAL_SYSTEM)
+        system = scheme_designator(c.system)
         return f"{escape(c.code)}^{escape(c.display)}^{system}"
 
     return triple(code) + (f"^{triple(alternate)}" if alternate is not None and alternate != code else "")
@@ -120,7 +118,7 @@ def build_oru(rs: ResultSet, *, sending_app: str, sending_facility: str = "", re
     if accession:
         obr.obr_3 = accession
         obr.obr_18 = accession
-    obr.obr_4 = _cwe(mappings.report_code("single_view"))
+    obr.obr_4 = _cwe(rs.procedure_code)
     observed = _dicom_ts(source)
     if observed:
         obr.obr_7 = observed
