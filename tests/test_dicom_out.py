@@ -518,3 +518,71 @@ def test_compose_example_routes_cr_dx_to_us_and_keeps_our_results(tmp_path: Path
         server.shutdown()
         if orthanc is not None:
             orthanc.stop()
+
+
+def _stow_answer(uids: list[str]) -> dict:
+    return {"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [u]}} for u in uids]}}
+
+
+def test_stow_retries_5xx_and_fails_for_good_on_4xx(tmp_path: Path) -> None:
+    import httpx
+    import respx
+    from analyze_support import HOST
+
+    url = f"https://{HOST}/dicom-web"
+    path, ds = source_file(tmp_path)
+    with make_client(tmp_path, dicomweb_stow_url=url, **FAST) as client:
+        report = analyse(client, path)
+        with respx.mock(assert_all_called=False) as mock:
+            seen: list[int] = []
+
+            def answer(request: httpx.Request) -> httpx.Response:
+                seen.append(1)
+                if len(seen) <= 2:
+                    return httpx.Response(503)
+                parts = request.content.count(b"Content-Type: application/dicom")
+                return httpx.Response(200, json=_stow_answer([f"1.2.3.{i}" for i in range(parts)]))
+
+            route = mock.post(f"{url}/studies").mock(side_effect=answer)
+            enqueue(client, contract(report, path, ds))
+            (task,) = wait_tasks(client, report, 1)
+        assert route.call_count == 3
+        assert route.calls[-1].request.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+        assert [o["valueString"] for o in task["output"]][0].endswith("STOW-RS 200")
+
+    (tmp_path / "second").mkdir()
+    path2, ds2 = source_file(tmp_path / "second")
+    with make_client(tmp_path / "second", dicomweb_stow_url=url, **FAST) as client:
+        report = analyse(client, path2)
+        with respx.mock(assert_all_called=False) as mock:
+            route = mock.post(f"{url}/studies").mock(return_value=httpx.Response(400))
+            enqueue(client, contract(report, path2, ds2))
+            (task,) = wait_tasks(client, report, 1, status="failed")
+        assert route.call_count == 1 and "400" in task["statusReason"]["text"]
+
+
+def test_cstore_failure_status_fails_the_delivery_without_retrying(tmp_path: Path) -> None:
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    calls: list[str] = []
+
+    def refuse(event):
+        calls.append(str(event.dataset.SOPInstanceUID))
+        return 0xC000  # "cannot understand": sending the same bytes again will not help
+
+    scp = AE(ae_title="PICKY")
+    scp.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, refuse)])
+    try:
+        path, ds = source_file(tmp_path)
+        with make_client(tmp_path, dicom_destination=f"PICKY@127.0.0.1:{port}", **FAST) as client:
+            report = analyse(client, path)
+            enqueue(client, contract(report, path, ds))
+            (task,) = wait_tasks(client, report, 1, status="failed")
+            assert "0xC000" in task["statusReason"]["text"]
+            job = client.app.state.queue.list(task=delivery.DICOM_STORE)[0]
+            assert job.status == "failed" and job.attempts == 1
+        assert len(calls) == 1
+    finally:
+        server.shutdown()
