@@ -586,3 +586,34 @@ def test_cstore_failure_status_fails_the_delivery_without_retrying(tmp_path: Pat
         assert len(calls) == 1
     finally:
         server.shutdown()
+
+
+@pytest.mark.postgres
+def test_delivery_on_postgres(tmp_path: Path, listener) -> None:
+    """The production database: Task writes, the outbox enqueue and SKIP LOCKED claims on PostgreSQL."""
+    import os
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    url = os.environ.get("CXR_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("CXR_TEST_POSTGRES_URL not set")
+    name = f"cxr_out_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        server = listener(["AE", "AA"])
+        path, ds = source_file(tmp_path)
+        db_url = url.rsplit("/", 1)[0] + "/" + name
+        with make_client(tmp_path, database_url=db_url, hl7_destination=f"127.0.0.1:{server.port}", **FAST) as client:
+            report = analyse(client, path)
+            enqueue(client, contract(report, path, ds))
+            (task,) = wait_tasks(client, report, 1)
+            assert {o["type"]["text"]: o["valueString"] for o in task["output"]}["hl7-ack-code"] == "AA"
+        assert len(server.messages) == 2
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
