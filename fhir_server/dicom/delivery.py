@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NoReturn
 
 from fhir.resources.R4B.task import Task
 from pydantic import BaseModel, Field, ValidationError
@@ -281,10 +281,13 @@ async def _started(app: Any, task_id: str) -> Json | None:
 def _attempts(app: Any, task: Json) -> tuple[int, int]:
     key = ((task.get("identifier") or [{}])[0]).get("value")
     job = app.state.queue.find(key) if key and getattr(app.state, "queue", None) else None
-    return (job.attempts, job.max_attempts) if job is not None else (1, 1)
+    if job is None:  # run outside the queue (by hand): never declare the delivery lost for good
+        return 1, int(app.state.settings.delivery_max_attempts)
+    return job.attempts, job.max_attempts
 
 
-async def _retry_later(app: Any, task: Json, reason: str) -> None:
+async def _retry_later(app: Any, task: Json, reason: str) -> NoReturn:
+    """Record the failed attempt on the Task (or its final failure) and hand the job back for retry."""
     attempts, most = await run_in_threadpool(_attempts, app, task)
     if attempts >= most:
         await _failed(app, task, f"{reason} (gave up after {attempts} attempts)")
@@ -353,7 +356,6 @@ async def deliver_dicom_store(app: Any, raw: Json) -> Json | None:
         )
     except store_scu.StoreUnavailable as exc:
         await _retry_later(app, task, str(exc))
-        raise AssertionError("unreachable")
     except (store_scu.StoreRefused, ResultSetError, ValueError) as exc:
         await _failed(app, task, str(exc))
         raise
@@ -378,7 +380,6 @@ async def deliver_dicomweb_stow(app: Any, raw: Json) -> Json | None:
             result = await stow_client.stow(payload.destination, objects, policy=policy, client=client)
     except stow_client.StowUnavailable as exc:
         await _retry_later(app, task, str(exc))
-        raise AssertionError("unreachable")
     except (stow_client.StowRefused, ResultSetError) as exc:
         await _failed(app, task, str(exc))
         raise
@@ -405,7 +406,6 @@ async def deliver_hl7_oru(app: Any, raw: Json) -> Json | None:
         ack = await mllp.send(host, port, payload.message, timeout_s=app.state.settings.hl7_ack_timeout_s)
     except mllp.MllpError as exc:
         await _retry_later(app, task, str(exc))
-        raise AssertionError("unreachable")
     if ack.control_id and ack.control_id != payload.control_id:
         await _retry_later(app, task, f"ACK for another message ({ack.control_id}, sent {payload.control_id})")
     if not ack.accepted:
