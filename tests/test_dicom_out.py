@@ -17,6 +17,7 @@ import highdicom as hd
 import pydicom
 import pytest
 from analyze_support import make_client, wait_until
+from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.parser import parse_message
 from model_fixtures import dicom_bytes, quadrant_pixels
@@ -340,6 +341,8 @@ def test_oru_is_retried_on_ae_and_silence_and_never_resent_once_acknowledged(tmp
     control_ids = {parse_message(m, find_groups=False).msh.msh_10.value for m in server.messages}
     assert control_ids == {outputs["hl7-message-control-id"]}, "retries resend the same message"
 
+    strict = parse_message(server.messages[-1], validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    assert strict.validate(), "hl7apy's strict v2.5.1 ORU_R01 structure validation"
     msg = parse_message(server.messages[-1], find_groups=True)
     assert msg.msh.msh_9.to_er7() == "ORU^R01^ORU_R01" and msg.msh.msh_12.value == "2.5.1"
     result = msg.oru_r01_patient_result
