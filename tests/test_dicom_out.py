@@ -92,6 +92,15 @@ def assert_dciodvfy_clean(path: Path) -> None:
     assert not errors, f"{path.name}: {errors}"
 
 
+def settled(client, task_name: str, status: str):
+    """The destination job once the worker has finished it (the handler records the Task first)."""
+    def done():
+        jobs = client.app.state.queue.list(task=task_name)
+        return jobs[0] if jobs and jobs[0].status == status else None
+
+    return wait_until(done, timeout=20)
+
+
 def enqueue(client, payload: dict) -> str:
     app = client.app
     job = app.state.queue.enqueue(delivery.DELIVER, payload)
@@ -245,8 +254,8 @@ def test_destination_down_is_retried_and_delivered_when_it_returns(tmp_path: Pat
             server = start_orthanc(tmp_path / "late-orthanc", dicom_port=port)
             (task,) = wait_tasks(client, report, 1)
             stored = [o["valueString"].split()[2].rstrip(":") for o in task["output"]]
-            job = client.app.state.queue.list(task=delivery.DICOM_STORE)[0]
-            assert job.status == "done" and job.attempts >= 2
+            job = settled(client, delivery.DICOM_STORE, "done")
+            assert job.attempts >= 2
         assert _orthanc_has(server, stored)
     finally:
         if server is not None:
@@ -370,7 +379,7 @@ def test_oru_rejected_for_good_after_the_last_attempt(tmp_path: Path, listener) 
         enqueue(client, contract(report, path, ds))
         (task,) = wait_tasks(client, report, 1, status="failed")
         assert "AR" in task["statusReason"]["text"] and "gave up after 3 attempts" in task["statusReason"]["text"]
-        assert client.app.state.queue.list(task=delivery.HL7_ORU)[0].status == "failed"
+        settled(client, delivery.HL7_ORU, "failed")
     assert len(server.messages) == 3
 
 
@@ -584,8 +593,8 @@ def test_cstore_failure_status_fails_the_delivery_without_retrying(tmp_path: Pat
             enqueue(client, contract(report, path, ds))
             (task,) = wait_tasks(client, report, 1, status="failed")
             assert "0xC000" in task["statusReason"]["text"]
-            job = client.app.state.queue.list(task=delivery.DICOM_STORE)[0]
-            assert job.status == "failed" and job.attempts == 1
+            job = settled(client, delivery.DICOM_STORE, "failed")
+            assert job.attempts == 1
         assert len(calls) == 1
     finally:
         server.shutdown()
