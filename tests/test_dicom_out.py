@@ -32,7 +32,7 @@ from ml.findings import DISCLAIMER
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-FAST = {"queue_poll_s": 0.1, "delivery_backoff_s": 0.2, "delivery_backoff_max_s": 0.5, "hl7_ack_timeout_s": 1.0}
+FAST = {"queue_poll_s": 0.1, "delivery_backoff_s": 0.2, "delivery_backoff_max_s": 0.5, "hl7_ack_timeout_s": 2.0}
 
 
 def source_file(tmp_path: Path, name: str = "src.dcm") -> tuple[Path, pydicom.Dataset]:
@@ -301,7 +301,7 @@ class Listener:
                 self.messages.append(text)
                 answer = self.answers.pop(0) if self.answers else "AA"
                 if answer is None:
-                    time.sleep(1.5)  # silence past the client's ACK timeout
+                    time.sleep(2.5)  # silence past the client's ACK timeout (2 s)
                     continue
                 incoming = parse_message(text, find_groups=False)
                 ack = Message("ACK", version="2.5.1")
