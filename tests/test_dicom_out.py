@@ -268,11 +268,12 @@ def test_destination_down_is_retried_and_delivered_when_it_returns(tmp_path: Pat
 class Listener:
     """A loopback MLLP server: records every message and answers from a script (AA, AE, or None = silence)."""
 
-    def __init__(self, answers: list[str | None]) -> None:
+    def __init__(self, answers: list[str | None], port: int = 0) -> None:
         self.answers = list(answers)
         self.messages: list[str] = []
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(8)
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
@@ -323,8 +324,8 @@ class Listener:
 def listener():
     made: list[Listener] = []
 
-    def make(answers):
-        made.append(Listener(answers))
+    def make(answers, port: int = 0):
+        made.append(Listener(answers, port))
         return made[-1]
 
     yield make
@@ -369,6 +370,23 @@ def test_oru_is_retried_on_ae_and_silence_and_never_resent_once_acknowledged(tmp
     assert by_code["110180"].obx_5.value == ds.StudyInstanceUID
     impression = by_code["19005-8"].obx_5.to_er7()
     assert "not a diagnosis" in impression
+
+
+def test_pending_delivery_survives_a_restart(tmp_path: Path, listener) -> None:
+    """The RIS is down, the server restarts, the RIS comes back: the queued ORU still arrives, once."""
+    port = free_port()
+    path, ds = source_file(tmp_path)
+    settings = {"hl7_destination": f"127.0.0.1:{port}", **FAST}
+    with make_client(tmp_path, **settings) as client:
+        report = analyse(client, path)
+        enqueue(client, contract(report, path, ds))
+        wait_until(lambda: [t for t in deliveries(client, report) if t.get("statusReason")], timeout=30)
+    server = listener(["AA"], port)
+    with make_client(tmp_path, **settings) as client:  # a new process on the same database
+        (task,) = wait_tasks(client, report, 1)
+        assert {o["type"]["text"]: o["valueString"] for o in task["output"]}["hl7-ack-code"] == "AA"
+        settled(client, delivery.HL7_ORU, "done")
+    assert len(server.messages) == 1
 
 
 def test_oru_rejected_for_good_after_the_last_attempt(tmp_path: Path, listener) -> None:
