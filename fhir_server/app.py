@@ -21,6 +21,7 @@ from fhir_server import auth, health, jobs, legacy, web
 from fhir_server.errors import install_error_handlers
 from fhir_server.auth import require_auth
 from fhir_server.dicom import dicom_lifespan
+from fhir_server.dicom.delivery import delivery_lifespan
 from fhir_server.fhir import install_fhir, store_lifespan
 from fhir_server.inference import InferencePool
 from fhir_server.metrics import install_metrics
@@ -42,6 +43,7 @@ LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 LIFESPAN_HOOKS: list[LifespanHook] = [store_lifespan, queue_lifespan, jobs.lifespan_hook]
 LIFESPAN_HOOKS.append(auth.lifespan_hook)  # issue 10: logs the auth mode, loads the signing key and client registry
 LIFESPAN_HOOKS.append(dicom_lifespan)  # ---- DICOM listener + study intake (issue 12)
+LIFESPAN_HOOKS.append(delivery_lifespan)  # issue 12: results.deliver + dicom.store/dicomweb.stow/hl7.oru jobs
 # -------------------------------------------------------------------------------------------------
 
 

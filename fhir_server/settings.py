@@ -84,6 +84,25 @@ class Settings(BaseSettings):
         256 * 1024 * 1024, gt=0, description="Largest accepted instance; bigger ones are refused (0xA700)"
     )
     dicom_storage_dir: Path | None = Field(None, description="Where received instances are kept (default: <data_dir>/dicom)")
+    # ---- DICOM / HL7 result delivery (issue 12)
+    dicom_destination: str | None = Field(
+        None, description="AE@host:port: C-STORE the SR and heatmap Secondary Captures of every analysed study here"
+    )
+    dicom_timeout_s: float = Field(30.0, gt=0, description="Association, DIMSE and network timeout when sending DICOM")
+    dicomweb_stow_url: str | None = Field(
+        None, description="DICOMweb base URL (.../dicom-web): STOW-RS the SR and SCs here; its host must be in fetch_allowed_hosts"
+    )
+    hl7_destination: str | None = Field(None, description="host:port: send an HL7 v2.5.1 ORU^R01 over MLLP per report")
+    hl7_ack_timeout_s: float = Field(10.0, gt=0, description="How long to wait for the HL7 ACK before retrying")
+    hl7_sending_application: str = Field("CXR-FHIR", description="MSH-3")
+    hl7_sending_facility: str = Field("", description="MSH-4")
+    hl7_receiving_application: str = Field("", description="MSH-5")
+    hl7_receiving_facility: str = Field("", description="MSH-6")
+    delivery_max_attempts: int = Field(
+        500, ge=1, description="Attempts per destination before a delivery is marked failed (with back-off: days)"
+    )
+    delivery_backoff_s: float = Field(5.0, gt=0, description="First retry delay of a delivery; doubles per attempt")
+    delivery_backoff_max_s: float = Field(600.0, gt=0, description="Longest delay between delivery attempts")
 
     # Fetching images by URL / DICOMweb
     fetch_allowed_hosts: list[str] = Field(default_factory=list, description="Hosts Media.content.url and DICOMweb may reach")
