@@ -418,10 +418,12 @@ def reconcile_tasks(repo: Repository) -> int:
 @asynccontextmanager
 async def lifespan_hook(app: Any) -> AsyncIterator[None]:
     """Register in app.LIFESPAN_HOOKS after the store and queue hooks: registers the $analyze
-    task with the queue (whose worker then resumes jobs left by a dead or restarted process),
+    task with the queue when a model is loaded (whose worker then resumes jobs left by a dead or restarted process),
     finishes Tasks no job can complete, and seeds the OperationDefinitions."""
     repo: Repository = app.state.store
-    register_task(app, ANALYZE_TASK_DEF)
+    if getattr(app.state, "analyzer", None) is not None:
+        # only a process with a model claims $analyze jobs; without one they wait for one that has
+        register_task(app, ANALYZE_TASK_DEF)
     finished = await run_in_threadpool(reconcile_tasks, repo)
     if finished:
         log.warning("finished %d $analyze Task(s) that no queued job could complete", finished)

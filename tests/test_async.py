@@ -163,7 +163,7 @@ def test_lifespan_hook_registers_the_task_and_seeds_definitions(tmp_path) -> Non
     try:
         repo.update("Task", "stale", {"resourceType": "Task", "id": "stale", "status": "in-progress", "intent": "order",
                                       "code": {"coding": [{"system": jobs.TASK_CODE_SYSTEM, "code": "analyze"}]}})
-        app = SimpleNamespace(state=SimpleNamespace(store=repo))
+        app = SimpleNamespace(state=SimpleNamespace(store=repo, analyzer=object()))
 
         async def start_and_stop() -> None:
             async with jobs.lifespan_hook(app):
