@@ -339,6 +339,8 @@ async def poll(job_id: str, request: Request) -> Response:
             headers={"X-Progress": progress, "Retry-After": "1"},
         )
     if job.status == "failed":
+        # the queue's failure hook may still be on its way: the Task must not say otherwise meanwhile
+        await run_in_threadpool(_finish_task, request.app.state.store, job_id, "failed", job.last_error or "failed")
         if job.result and "outcome" in job.result:
             return fhir_json_response(request, job.result["outcome"], status_code=job.result["http_status"])
         body = operation_outcome(500, "exception", f"The job failed: {job.last_error or 'unknown error'}")
