@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from fastapi import Depends, FastAPI
 
 from fhir_server import health, jobs, legacy, web
+from fhir_server.dbfaults import install_database_fault_handlers
 from fhir_server.errors import install_error_handlers
 from fhir_server.auth import require_auth
 from fhir_server.fhir import install_fhir, store_lifespan
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None, *, analyzer: Analyzer | None = 
     app.state.analyzer = analyzer
     app.state.model_error = None
     install_error_handlers(app)
+    install_database_fault_handlers(app)  # database away: 503 + Retry-After, not 500 (issue 10)
     _include_routers(app)
     return app
 
