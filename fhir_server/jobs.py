@@ -44,7 +44,7 @@ from fhir_server.errors import operation_outcome
 from fhir_server.fhir.common import information_outcome
 from fhir_server.fhir.negotiation import fhir_json_response
 from fhir_server.queue import JobFailed, JobInfo, TaskDef, TransientError, cancel_in, enqueue_in, register_task, wake
-from fhir_server.storage import Repository, Transaction, VersionConflict
+from fhir_server.storage import Repository, StorageBusy, Transaction, VersionConflict
 
 if TYPE_CHECKING:
     from fhir_server.fhir import operations
@@ -236,6 +236,8 @@ async def run_job(app: Any, payload: Json) -> Json | None:
         return None
     except (OperationalError, InterfaceError, TransientError):
         raise  # the queue retries these with back-off
+    except (VersionConflict, StorageBusy) as exc:  # a concurrent re-analysis of the same input won
+        raise TransientError(f"{exc}") from exc
     except Exception as exc:
         mapped = _operations().error_outcome(exc)
         if mapped is None:
