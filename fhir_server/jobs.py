@@ -199,7 +199,8 @@ async def run_job(app: Any, payload: Json) -> Json | None:
     job_id = payload["job"]
     task = await run_in_threadpool(_start, repo, job_id)
     if task is None:
-        raise JobFailed(f"Task/{job_id} was deleted before the job ran")
+        reason = f"Task/{job_id} was deleted before the job ran"
+        raise JobFailed(reason, result={"http_status": 410, "outcome": operation_outcome(410, "deleted", reason)})
     if task.get("status") == "completed":
         return _completed_result(task)
     if task.get("status") not in ACTIVE:  # cancelled or failed meanwhile

@@ -265,3 +265,14 @@ def test_transient_errors_are_retried_a_bounded_number_of_times(tmp_path, monkey
         assert route.call_count == jobs.ANALYZE_ATTEMPTS  # retried, then given up: not forever
         task = client.get(f"/fhir/Task/{location.rsplit('/', 1)[1]}").json()
         assert task["status"] == "failed" and "503" in task["statusReason"]["text"]
+
+
+def test_job_whose_task_was_deleted_fails_with_410(tmp_path) -> None:
+    with make_client(tmp_path, queue_worker=False) as api:
+        media_id = create_media(api)
+        location = api.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC).headers["content-location"]
+        assert api.delete(f"/fhir/Task/{location.rsplit('/', 1)[1]}").status_code in (200, 204)
+    with make_client(tmp_path) as worker:
+        done = poll_until_done(worker, location)
+        assert done.status_code == 410 and "deleted" in outcome(done)["diagnostics"]
+        assert total(worker, "DiagnosticReport") == 0
