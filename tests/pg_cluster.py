@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL cluster for fault tests: initdb in a temp dir, a free loopback port,
+"""PostgreSQL for tests: `fresh_postgres_database()` (a new database on CXR_TEST_POSTGRES_URL's
+server, dropped afterwards) and `PgCluster`, a throwaway PostgreSQL cluster for fault tests: initdb in a temp dir, a free loopback port,
 started and stopped by the test (`stop(mode="immediate")` is a crash: no checkpoint, connections
 cut). Runs the server binaries as the `postgres` user when the tests run as root, as .ci/run does.
 Skips cleanly when no PostgreSQL server binaries are installed."""
@@ -10,11 +11,34 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from proc_server import free_port
+
+POSTGRES_URL = os.environ.get("CXR_TEST_POSTGRES_URL")
+
+
+@contextmanager
+def fresh_postgres_database(prefix: str = "cxr_t") -> Iterator[str]:
+    """The URL of a new, empty database on the CXR_TEST_POSTGRES_URL server; dropped at the end."""
+    from sqlalchemy import create_engine, text
+
+    assert POSTGRES_URL, "CXR_TEST_POSTGRES_URL not set"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
 
 
 def _bin_dir() -> Path | None:

@@ -1,5 +1,6 @@
 """Prefer: respond-async: 202 + Content-Location, polling (202 + X-Progress, then 200 / error),
-DELETE cancels, and the Task resource that tracks the same job; restart recovery."""
+DELETE cancels, and the Task resource that tracks the same job; restart recovery. The app tests
+run on SQLite and on PostgreSQL (a fresh database each) when CXR_TEST_POSTGRES_URL is set."""
 
 from __future__ import annotations
 
@@ -7,14 +8,26 @@ import threading
 
 import pytest
 from analyze_support import by_type, make_client, media, outcome, total, wait_until
+from fhir_support import BACKENDS
 from model_fixtures import tiny_analyzer
+from pg_cluster import fresh_postgres_database
 
 ASYNC = {"Prefer": "respond-async"}
 
 
+@pytest.fixture(params=BACKENDS)
+def db(request):
+    """Settings overrides naming the database: the SQLite default or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield {}
+    else:
+        with fresh_postgres_database("cxr_async") as url:
+            yield {"database_url": url}
+
+
 @pytest.fixture
-def client(tmp_path):
-    with make_client(tmp_path) as c:
+def client(tmp_path, db):
+    with make_client(tmp_path, **db) as c:
         yield c
 
 
@@ -95,9 +108,9 @@ class BlockingAnalyzer:
         return self.inner.analyze_bytes(data, **kw)
 
 
-def test_running_job_reports_progress_and_delete_cancels_it(tmp_path) -> None:
+def test_running_job_reports_progress_and_delete_cancels_it(tmp_path, db) -> None:
     analyzer = BlockingAnalyzer()
-    with make_client(tmp_path, analyzer=analyzer) as client:
+    with make_client(tmp_path, **db, analyzer=analyzer) as client:
         media_id = create_media(client)
         location = client.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC).headers["content-location"]
         job_id = location.rsplit("/", 1)[1]
@@ -179,8 +192,8 @@ def test_lifespan_hook_registers_the_task_and_seeds_definitions(tmp_path) -> Non
         repo.dispose()
 
 
-def test_no_model_loaded_is_503_before_any_job(tmp_path) -> None:
-    with make_client(tmp_path) as client:
+def test_no_model_loaded_is_503_before_any_job(tmp_path, db) -> None:
+    with make_client(tmp_path, **db) as client:
         client.app.state.analyzer = None  # as after a failed model load
         client.app.state.model_error = "Model 'cxr:no-such-model' could not be loaded"
         media_id = create_media(client)
@@ -214,23 +227,23 @@ def test_type_level_job_returns_its_stored_input(client) -> None:
     assert bundle["entry"][-1]["resource"]["identifier"] == [{"system": "urn:x", "value": "m1"}]
 
 
-def test_job_accepted_by_a_process_that_dies_is_finished_after_restart(tmp_path) -> None:
+def test_job_accepted_by_a_process_that_dies_is_finished_after_restart(tmp_path, db) -> None:
     """An API-only process accepts (202) and is gone; the next process resumes the queued job."""
-    with make_client(tmp_path, queue_worker=False) as api:
+    with make_client(tmp_path, **db, queue_worker=False) as api:
         media_id = create_media(api)
         location = api.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC).headers["content-location"]
         assert api.get(location).headers["x-progress"] == "queued"
-    with make_client(tmp_path) as restarted:
+    with make_client(tmp_path, **db) as restarted:
         done = poll_until_done(restarted, location)
         assert done.status_code == 200
         job_id = location.rsplit("/", 1)[1]
         assert restarted.get(f"/fhir/Task/{job_id}").json()["status"] == "completed"
 
 
-def test_cancel_on_another_replica_stops_the_run(tmp_path) -> None:
+def test_cancel_on_another_replica_stops_the_run(tmp_path, db) -> None:
     analyzer = BlockingAnalyzer()
-    with make_client(tmp_path, queue_worker=False) as api, \
-            make_client(tmp_path, analyzer=analyzer, queue_lease_s=0.6, queue_poll_s=0.05) as worker:
+    with make_client(tmp_path, **db, queue_worker=False) as api, \
+            make_client(tmp_path, **db, analyzer=analyzer, queue_lease_s=0.6, queue_poll_s=0.05) as worker:
         media_id = create_media(api)
         location = api.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC).headers["content-location"]
         job_id = location.rsplit("/", 1)[1]
@@ -245,7 +258,7 @@ def test_cancel_on_another_replica_stops_the_run(tmp_path) -> None:
         assert total(api, "DiagnosticReport") == 0
 
 
-def test_transient_errors_are_retried_a_bounded_number_of_times(tmp_path, monkeypatch) -> None:
+def test_transient_errors_are_retried_a_bounded_number_of_times(tmp_path, monkeypatch, db) -> None:
     import dataclasses
 
     import httpx
@@ -256,7 +269,7 @@ def test_transient_errors_are_retried_a_bounded_number_of_times(tmp_path, monkey
 
     monkeypatch.setattr(jobs, "ANALYZE_TASK_DEF", dataclasses.replace(jobs.ANALYZE_TASK_DEF, backoff_s=0.05))
     url = f"https://{HOST}/wado/down.png"
-    with make_client(tmp_path, queue_poll_s=0.05) as client, respx.mock:
+    with make_client(tmp_path, **db, queue_poll_s=0.05) as client, respx.mock:
         route = respx.get(url).mock(return_value=httpx.Response(503))
         media_id = create_media(client, content={"contentType": "image/png", "url": url})
         location = client.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC).headers["content-location"]
@@ -267,12 +280,12 @@ def test_transient_errors_are_retried_a_bounded_number_of_times(tmp_path, monkey
         assert task["status"] == "failed" and "503" in task["statusReason"]["text"]
 
 
-def test_job_whose_task_was_deleted_fails_with_410(tmp_path) -> None:
-    with make_client(tmp_path, queue_worker=False) as api:
+def test_job_whose_task_was_deleted_fails_with_410(tmp_path, db) -> None:
+    with make_client(tmp_path, **db, queue_worker=False) as api:
         media_id = create_media(api)
         location = api.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC).headers["content-location"]
         assert api.delete(f"/fhir/Task/{location.rsplit('/', 1)[1]}").status_code in (200, 204)
-    with make_client(tmp_path) as worker:
+    with make_client(tmp_path, **db) as worker:
         done = poll_until_done(worker, location)
         assert done.status_code == 410 and "deleted" in outcome(done)["diagnostics"]
         assert total(worker, "DiagnosticReport") == 0

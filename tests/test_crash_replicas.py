@@ -14,42 +14,23 @@ The PostgreSQL tests create and drop their own database on CXR_TEST_POSTGRES_URL
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
 from analyze_support import media
-from proc_server import Proc, processes, server_env, start_serve
+from pg_cluster import POSTGRES_URL, fresh_postgres_database
+from proc_server import processes, server_env, start_serve
 
-POSTGRES_URL = os.environ.get("CXR_TEST_POSTGRES_URL")
 needs_postgres = [pytest.mark.postgres, pytest.mark.skipif(not POSTGRES_URL, reason="CXR_TEST_POSTGRES_URL not set")]
 SYSTEM = "urn:cxr-test:crash"
 ASYNC = {"Prefer": "respond-async"}
 FHIR_JSON = {"Accept": "application/fhir+json"}
 GRACEFUL = (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM it handled after a clean shutdown
-
-
-@contextmanager
-def fresh_postgres_database() -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"cxr_crash_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    try:
-        yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 def marker_patient(marker: str, family: str = "v1") -> dict:
