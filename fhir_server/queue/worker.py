@@ -34,6 +34,7 @@ class QueueWorker:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._released: set[str] = set()  # jobs given back at shutdown, not failed
+        self._claim_failing = False
 
     def wake(self) -> None:
         """Look for work now (call after enqueueing from this process)."""
@@ -93,12 +94,17 @@ class QueueWorker:
                     key = f"{job.task}#{job.id}"
                     self._running[key] = asyncio.create_task(self._run(tasks[job.task], job), name=f"job-{job.id}")
                     self._running[key].add_done_callback(lambda _t, k=key: self._running.pop(k, None))
+                if self._claim_failing:
+                    log.warning("queue: claiming jobs works again")
+                    self._claim_failing = False
                 if jobs:
                     continue  # more may be ready
             except asyncio.CancelledError:
                 raise
-            except Exception:  # database briefly away: keep the loop alive, try again
-                log.warning("queue: could not claim jobs", exc_info=True)
+            except Exception:  # database away: keep the loop alive, try again; log it once per outage
+                if not self._claim_failing:
+                    log.warning("queue: could not claim jobs (retrying every %g s)", self.poll_s, exc_info=True)
+                self._claim_failing = True
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
