@@ -126,13 +126,24 @@ def _period(task_start: str | None, end: bool = False) -> Json:
 
 
 def _payload(job_id: str, req: operations.AnalyzeRequest) -> Json:
-    return {"job": job_id, "type": req.resource_type, "resource": req.resource, "stored": req.stored,
-            "heatmaps": req.heatmaps, "base": req.base}
+    # a stored input is referenced, not copied (it may hold a whole image inline); an inline
+    # (type-level) input has nowhere else to live until the run stores it with the results
+    payload: Json = {"job": job_id, "type": req.resource_type, "stored": req.stored, "heatmaps": req.heatmaps,
+                     "base": req.base}
+    if req.stored:
+        payload["id"] = req.resource["id"]
+    else:
+        payload["resource"] = req.resource
+    return payload
 
 
-def _request_of(payload: Json) -> operations.AnalyzeRequest:
-    return _operations().AnalyzeRequest(payload["type"], payload["resource"], payload["stored"],
-                                        payload["heatmaps"], payload["base"])
+def _request_of(repo: Repository, payload: Json) -> operations.AnalyzeRequest:
+    """The request again; a stored input is read now. ResourceNotFound/Gone when it was deleted."""
+    resource = payload.get("resource")
+    if payload["stored"]:
+        resource = repo.read(payload["type"], payload["id"]).resource or {}
+    return _operations().AnalyzeRequest(payload["type"], resource, payload["stored"], payload["heatmaps"],
+                                        payload["base"])
 
 
 def _store_job(repo: Repository, job_id: str, req: operations.AnalyzeRequest) -> None:
@@ -197,7 +208,10 @@ async def run_job(app: Any, payload: Json) -> Json | None:
     """The queue handler of an async $analyze (idempotent: safe to run again after a crash)."""
     repo: Repository = app.state.store
     job_id = payload["job"]
-    task = await run_in_threadpool(_start, repo, job_id)
+    try:
+        task = await run_in_threadpool(_start, repo, job_id)
+    except (VersionConflict, StorageBusy) as exc:  # e.g. a cancel on another replica moved the Task
+        raise TransientError(f"{exc}") from exc
     if task is None:
         reason = f"Task/{job_id} was deleted before the job ran"
         raise JobFailed(reason, result={"http_status": 410, "outcome": operation_outcome(410, "deleted", reason)})
@@ -230,8 +244,9 @@ async def run_job(app: Any, payload: Json) -> Json | None:
         ))
 
     try:
+        req = await run_in_threadpool(_request_of, repo, payload)
         outcome = await _operations().run_analysis(
-            app, _request_of(payload), progress=note, after_write=complete_in_same_transaction, wait_when_busy=True
+            app, req, progress=note, after_write=complete_in_same_transaction, wait_when_busy=True
         )
     except JobCancelled:
         return None

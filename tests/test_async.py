@@ -289,3 +289,15 @@ def test_job_whose_task_was_deleted_fails_with_410(tmp_path, db) -> None:
         done = poll_until_done(worker, location)
         assert done.status_code == 410 and "deleted" in outcome(done)["diagnostics"]
         assert total(worker, "DiagnosticReport") == 0
+
+
+def test_job_whose_input_was_deleted_meanwhile_fails_with_the_reason(tmp_path, db) -> None:
+    with make_client(tmp_path, **db, queue_worker=False) as api:
+        media_id = create_media(api)
+        location = api.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC).headers["content-location"]
+        assert api.delete(f"/fhir/Media/{media_id}").status_code in (200, 204)
+    with make_client(tmp_path, **db) as worker:
+        done = poll_until_done(worker, location)
+        assert done.status_code == 410 and media_id in outcome(done)["diagnostics"]
+        task = worker.get(f"/fhir/Task/{location.rsplit('/', 1)[1]}").json()
+        assert task["status"] == "failed" and media_id in task["statusReason"]["text"]
