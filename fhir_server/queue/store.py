@@ -134,7 +134,9 @@ class JobStore:
     # ---- consuming ------------------------------------------------------------------------
     def claim(self, worker_id: str, tasks: list[str], *, limit: int = 1) -> list[JobInfo]:
         """Take up to `limit` ready jobs of these tasks (queued and due, or running with an
-        expired lease) and lease them to `worker_id`. Each claim counts as one attempt."""
+        expired lease) and lease them to `worker_id`. Each claim counts as one attempt, except a
+        job whose worker died during its last allowed attempt: it comes back `exhausted`, for the
+        worker to fail (and call the task's failure hook) instead of running it again."""
         if not tasks or limit <= 0:
             return []
         now = _utcnow()
