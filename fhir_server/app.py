@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from fastapi import Depends, FastAPI
 
 from fhir_server import auth, health, jobs, legacy, web
+from fhir_server.dbfaults import install_database_fault_handlers
 from fhir_server.errors import install_error_handlers
 from fhir_server.auth import require_auth
 from fhir_server.dicom import dicom_lifespan
@@ -146,6 +147,7 @@ def create_app(settings: Settings | None = None, *, analyzer: Analyzer | None = 
     app.state.analyzer = analyzer
     app.state.model_error = None
     install_error_handlers(app)
+    install_database_fault_handlers(app)  # database away: 503 + Retry-After, not 500 (issue 10)
     install_ratelimit(app, auth.client_id_of)  # issue 10: before the routers' CORS, so 429s carry CORS headers
     _include_routers(app)
     install_metrics(app)  # outermost middleware: it times everything, errors included

@@ -37,6 +37,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from fhir_server.worker_main import main as worker_main
+
+    return worker_main(_settings(args))
+
+
 def _print_table(name: str, analysis) -> None:  # analysis: ml.analysis.Analysis
     info = analysis.model
     print(f"== {name}")
@@ -168,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--weights-dir", type=Path, dest="weights_dir")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="Run only the durable job queue (async $analyze, deliveries): no HTTP")
+    worker.add_argument("--model", help="registry name (default: CXR_MODEL)")
+    worker.add_argument("--weights-dir", type=Path, dest="weights_dir")
+    worker.set_defaults(func=cmd_worker)
 
     predict = sub.add_parser("predict", help="Analyse image files (DICOM, PNG, JPEG)")
     predict.add_argument("files", nargs="+", type=Path, metavar="FILE")

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     queue_worker: bool = Field(True, description="Run queued jobs in this process (false: API only; run `cxr worker` elsewhere)")
     queue_lease_s: float = Field(60.0, gt=0, description="A running job's lease; a dead worker's jobs are resumed after it")
     queue_poll_s: float = Field(1.0, gt=0, description="How often an idle worker looks for new jobs")
+    queue_shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, running jobs get this long to finish; the rest go back to the queue at once"
+    )
 
     # ---- DICOM node: receiving studies from the PACS (issue 12)
     dicom_port: int | None = Field(

@@ -10,19 +10,25 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
+from fhir_support import BACKENDS, make_repo
 from sqlalchemy import create_engine as sa_engine
 from sqlalchemy import text
 
-from fhir_server.queue import JobStore, TaskDef, TransientError, enqueue_in, register_task
+from fhir_server.queue import JobFailed, JobStore, TaskDef, TransientError, cancel_in, enqueue_in, register_task
 from fhir_server.queue.worker import QueueWorker
 from fhir_server.storage import Repository
 
 
-@pytest.fixture
-def repo(tmp_path):
-    repo = Repository.from_url(f"sqlite:///{tmp_path / 'q.sqlite3'}")
+@pytest.fixture(params=BACKENDS)
+def repo(request, tmp_path):
+    """The same behaviour on both engines: every test runs on SQLite and on PostgreSQL."""
+    repo = make_repo(request.param, tmp_path, schema="queue_tests")
+    JobStore(repo.engine)
+    with repo.engine.begin() as conn:
+        conn.execute(text("DELETE FROM queue_job"))
     yield repo
-    repo.dispose()
+    if request.param == "sqlite":
+        repo.dispose()
 
 
 def _app():
@@ -116,6 +122,144 @@ def test_worker_runs_handlers_and_retries_transient_errors(repo):
     assert store.get(ok).status == "done" and store.get(ok).result == {"sent": 7} and calls == [7, 7, 7]
     failed = store.get(bad)
     assert failed.status == "failed" and failed.attempts == 1 and "bad payload" in failed.last_error
+
+
+def test_cancel_in_commits_with_the_callers_transaction(repo):
+    store = JobStore(repo.engine)
+    job = store.enqueue("t", {})
+    with pytest.raises(RuntimeError):
+        with repo.transaction() as tx:
+            assert cancel_in(tx.session, job, "nope")
+            raise RuntimeError("rolled back")
+    assert store.get(job).status == "queued"
+    with repo.transaction() as tx:
+        tx.create({"resourceType": "Patient"})
+        assert cancel_in(tx.session, job, "client cancelled")
+    assert store.get(job).status == "cancelled" and store.get(job).last_error == "client cancelled"
+    with repo.transaction() as tx:
+        assert not cancel_in(tx.session, job)  # already final
+
+
+def test_release_hands_a_job_back_without_counting_the_attempt(repo):
+    store = JobStore(repo.engine)
+    job = store.enqueue("t", {})
+    store.claim("w1", ["t"])
+    assert store.release(job, "w1")
+    info = store.get(job)
+    assert info.status == "queued" and info.attempts == 0
+    [again] = store.claim("w2", ["t"])
+    assert again.attempts == 1
+
+
+def _run_worker(app, store, until, *, lease_s=None, timeout=10.0):
+    async def main():
+        worker = QueueWorker(app, store, poll_s=0.02)
+        worker.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not until():
+            await asyncio.sleep(0.02)
+        await worker.stop()
+
+    asyncio.run(main())
+
+
+def test_worker_lost_on_the_last_attempt_fails_the_job_and_calls_the_hook(repo):
+    store = JobStore(repo.engine, lease_s=0.05)
+    app = _app()
+    hooked: list[tuple[dict, str]] = []
+    ran: list[dict] = []
+
+    async def handler(_app, payload):
+        ran.append(payload)
+
+    async def on_failed(_app, payload, reason):
+        hooked.append((payload, reason))
+
+    register_task(app, TaskDef("t", handler, max_attempts=1, on_failed=on_failed))
+    job = store.enqueue("t", {"n": 1}, max_attempts=1)
+    store.claim("dead-worker", ["t"])  # its only attempt; then kill -9
+    time.sleep(0.1)
+    _run_worker(app, store, lambda: store.get(job).status == "failed" and hooked)
+    info = store.get(job)
+    assert info.status == "failed" and "last allowed attempt" in info.last_error
+    assert ran == []  # not run a second time beyond its budget
+    assert hooked == [({"n": 1}, info.last_error)]
+
+
+def test_job_failed_stores_its_result_and_exhausted_transients_call_the_hook(repo):
+    store = JobStore(repo.engine)
+    app = _app()
+    hooked: list[str] = []
+
+    async def refused(_app, payload):
+        raise JobFailed("input refused", result={"http_status": 422})
+
+    async def down(_app, payload):
+        raise TransientError("still down", result={"http_status": 503})
+
+    async def on_failed(_app, payload, reason):
+        hooked.append(reason)
+
+    register_task(app, TaskDef("refused", refused, on_failed=on_failed))
+    register_task(app, TaskDef("down", down, max_attempts=3, backoff_s=0.01, on_failed=on_failed))
+    a = store.enqueue("refused", {})
+    b = store.enqueue("down", {}, max_attempts=3)
+    _run_worker(app, store, lambda: {store.get(a).status, store.get(b).status} == {"failed"} and len(hooked) == 2)
+    ja, jb = store.get(a), store.get(b)
+    assert (ja.status, ja.attempts, ja.last_error, ja.result) == ("failed", 1, "input refused", {"http_status": 422})
+    assert (jb.status, jb.attempts, jb.last_error, jb.result) == ("failed", 3, "still down", {"http_status": 503})
+    assert sorted(hooked) == ["input refused", "still down"]
+
+
+def test_graceful_stop_hands_running_jobs_back_at_once(repo):
+    store = JobStore(repo.engine, lease_s=60)
+    app = _app()
+    started = threading.Event()
+
+    async def slow(_app, payload):
+        started.set()
+        await asyncio.sleep(30)
+
+    register_task(app, TaskDef("slow", slow))
+    job = store.enqueue("slow", {})
+
+    async def main():
+        worker = QueueWorker(app, store, poll_s=0.02)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not started.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await worker.stop(timeout=0.2)
+
+    asyncio.run(main())
+    info = store.get(job)
+    assert info.status == "queued" and info.attempts == 0  # not waiting out a 60 s lease
+    assert [j.id for j in store.claim("next", ["slow"])] == [job]
+
+
+def test_cancel_from_elsewhere_stops_the_running_handler(repo):
+    store = JobStore(repo.engine, lease_s=0.6)
+    app = _app()
+    state = {"cancelled": False, "started": False}
+
+    async def slow(_app, payload):
+        state["started"] = True
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            state["cancelled"] = True
+            raise
+
+    register_task(app, TaskDef("slow", slow))
+    job = store.enqueue("slow", {})
+
+    def until():
+        if state["started"] and store.get(job).status == "running":
+            store.cancel(job, "cancelled on another replica")  # what another process's DELETE does
+        return state["cancelled"]
+
+    _run_worker(app, store, until)
+    assert state["cancelled"] and store.get(job).status == "cancelled"
 
 
 @pytest.mark.postgres

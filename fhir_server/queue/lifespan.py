@@ -25,5 +25,5 @@ async def queue_lifespan(app: Any) -> AsyncIterator[None]:
         yield
     finally:
         if worker is not None:
-            await worker.stop()
+            await worker.stop(timeout=settings.queue_shutdown_grace_s)
         app.state.queue_worker = None

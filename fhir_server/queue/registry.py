@@ -20,7 +20,27 @@ Handler = Callable[[Any, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
 class TransientError(Exception):
-    """The job may succeed later (destination down, database busy): retried with back-off."""
+    """The job may succeed later (destination down, database busy): retried with back-off.
+    `result` (optional, JSON-able) is stored on the job, e.g. the answer to give if no retry is left."""
+
+    def __init__(self, message: str = "", *, result: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class JobFailed(Exception):
+    """A permanent, expected failure: the job ends `failed` at once with this reason (no retry) and
+    `result` (optional, JSON-able: e.g. the HTTP status and OperationOutcome a poll should answer)."""
+
+    def __init__(self, reason: str, *, result: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.result = result
+
+
+# Called once when a job ends `failed` for good (permanent error, retries exhausted, or its worker
+# died during the last allowed attempt): lets the owner record the failure where clients look
+# (e.g. the Task resource). Best effort: the job row already says `failed` with the reason.
+FailureHook = Callable[[Any, dict[str, Any], str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -31,6 +51,7 @@ class TaskDef:
     backoff_s: float = 2.0  # first retry delay; doubles each attempt
     backoff_max_s: float = 300.0
     concurrency: int = 1  # at most this many of these jobs at once in one worker process
+    on_failed: FailureHook | None = None
 
     def retry_delay(self, attempt: int) -> float:
         return min(self.backoff_max_s, self.backoff_s * (2 ** max(0, attempt - 1)))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel
@@ -45,14 +45,17 @@ class JobInfo:
     result: dict[str, Any] | None
     created: datetime
     updated: datetime
+    # claimed only to be failed: its worker died during the last allowed attempt
+    exhausted: bool = False
 
     @classmethod
-    def of(cls, row: QueueJob) -> "JobInfo":
+    def of(cls, row: QueueJob, *, exhausted: bool = False) -> "JobInfo":
         return cls(
             id=row.id, task=row.task, payload=json.loads(row.payload), status=row.status,
             attempts=row.attempts, max_attempts=row.max_attempts, dedupe_key=row.dedupe_key,
             run_after=row.run_after, last_error=row.last_error,
             result=json.loads(row.result) if row.result else None, created=row.created, updated=row.updated,
+            exhausted=exhausted,
         )
 
 
@@ -85,6 +88,17 @@ def enqueue_in(
     session.add(row)
     session.flush()
     return row.id
+
+
+def cancel_in(session: Session, job_id: str, reason: str = "cancelled") -> bool:
+    """Cancel a job that has not finished, inside the caller's transaction (e.g. together with the
+    Task resource that tracks it). A running handler notices at its next lease renewal."""
+    res = session.execute(
+        update(QueueJob)
+        .where(QueueJob.id == job_id, QueueJob.status.in_(ACTIVE))
+        .values(status="cancelled", last_error=reason, locked_by=None, lease_until=None, updated=_utcnow())
+    )
+    return res.rowcount == 1
 
 
 class JobStore:
@@ -120,7 +134,9 @@ class JobStore:
     # ---- consuming ------------------------------------------------------------------------
     def claim(self, worker_id: str, tasks: list[str], *, limit: int = 1) -> list[JobInfo]:
         """Take up to `limit` ready jobs of these tasks (queued and due, or running with an
-        expired lease) and lease them to `worker_id`. Each claim counts as one attempt."""
+        expired lease) and lease them to `worker_id`. Each claim counts as one attempt, except a
+        job whose worker died during its last allowed attempt: it comes back `exhausted`, for the
+        worker to fail (and call the task's failure hook) instead of running it again."""
         if not tasks or limit <= 0:
             return []
         now = _utcnow()
@@ -142,18 +158,16 @@ class JobStore:
             rows = list(session.execute(stmt).scalars())
             claimed = []
             for row in rows:
-                if row.status == "running" and row.attempts >= row.max_attempts:
-                    # its worker died on the last allowed attempt: give up rather than loop forever
-                    row.status, row.last_error = "failed", (row.last_error or "") + " (worker lost; attempts exhausted)"
-                    row.locked_by, row.lease_until, row.updated = None, None, now
-                    continue
+                # its worker died during the last allowed attempt: leased to this worker only to be
+                # failed (with its failure hook), rather than run again or looped over forever
+                exhausted = row.status == "running" and row.attempts >= row.max_attempts
                 row.status, row.locked_by = "running", worker_id
                 row.lease_until = now + timedelta(seconds=self.lease_s)
-                row.attempts += 1
+                row.attempts += 0 if exhausted else 1
                 row.updated = now
-                claimed.append(row)
+                claimed.append((row, exhausted))
             session.commit()
-            return [JobInfo.of(r) for r in claimed]
+            return [JobInfo.of(r, exhausted=e) for r, e in claimed]
 
     def renew(self, job_id: str, worker_id: str) -> bool:
         """Extend the lease; False when the job is no longer ours (taken over or cancelled)."""
@@ -170,9 +184,27 @@ class JobStore:
     def complete(self, job_id: str, worker_id: str, result: dict[str, Any] | None = None) -> bool:
         return self._finish(job_id, worker_id, status="done", result=result)
 
-    def fail(self, job_id: str, worker_id: str, error: str, *, retry_in_s: float | None) -> str:
+    def release(self, job_id: str, worker_id: str) -> bool:
+        """Give a running job back unfinished (graceful shutdown): queued again at once for any
+        worker, and the interrupted attempt is not counted."""
+        now = _utcnow()
+        with self._session() as session:
+            res = session.execute(
+                update(QueueJob)
+                .where(QueueJob.id == job_id, QueueJob.locked_by == worker_id, QueueJob.status == "running")
+                .values(status="queued", run_after=now, attempts=case((QueueJob.attempts > 0, QueueJob.attempts - 1), else_=0),
+                        locked_by=None, lease_until=None, updated=now)
+            )
+            session.commit()
+            return res.rowcount == 1
+
+    def fail(
+        self, job_id: str, worker_id: str, error: str, *, retry_in_s: float | None,
+        result: dict[str, Any] | None = None,
+    ) -> str:
         """Record a failed attempt: back to `queued` after `retry_in_s` while attempts remain,
-        else `failed`. Returns the new status ('' when the job was no longer ours)."""
+        else `failed`. `result` (optional) is stored on the job. Returns the new status ('' when
+        the job was no longer ours)."""
         now = _utcnow()
         with self._session() as session:
             row = session.get(QueueJob, job_id)
@@ -183,6 +215,8 @@ class JobStore:
             else:
                 row.status = "failed"
             row.last_error, row.locked_by, row.lease_until, row.updated = error[:4000], None, None, now
+            if result is not None:
+                row.result = json.dumps(result)
             session.commit()
             return row.status
 
@@ -200,15 +234,10 @@ class JobStore:
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> bool:
         """Cancel a job that has not finished. A running handler notices at its next renew."""
-        now = _utcnow()
         with self._session() as session:
-            res = session.execute(
-                update(QueueJob)
-                .where(QueueJob.id == job_id, QueueJob.status.in_(ACTIVE))
-                .values(status="cancelled", last_error=reason, locked_by=None, lease_until=None, updated=now)
-            )
+            done = cancel_in(session, job_id, reason)
             session.commit()
-            return res.rowcount == 1
+            return done
 
     # ---- inspecting -----------------------------------------------------------------------
     def get(self, job_id: str) -> JobInfo | None:
