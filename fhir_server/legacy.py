@@ -158,9 +158,8 @@ def legacy_response(analysis: Analysis, *, heatmaps: bool) -> dict[str, Any]:
             metadata["population"] = {"population": pop.population, "source": pop.source,
                                       "score": round(pop.score, 4), "age_years": pop.age_years,
                                       "outside_validated_population": analysis.outside_population}
-    return {
+    body: dict[str, Any] = {
         "status": "success",
-        "warnings": list(analysis.warnings),
         "prediction": {
             "diagnoses": [_diagnosis(f, heatmaps=heatmaps) for f in analysis.findings],
             "confidence_score": round(analysis.confidence_score, 4),
@@ -171,6 +170,9 @@ def legacy_response(analysis: Analysis, *, heatmaps: bool) -> dict[str, Any]:
         },
         "metadata": metadata,
     }
+    if analysis.warnings:  # only when flagged (warn-mode gate, outside the validated population)
+        body["warnings"] = list(analysis.warnings)
+    return body
 
 
 @router.post(

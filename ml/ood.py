@@ -181,15 +181,13 @@ class FeatureGate:
         if score >= GATE_THRESHOLD:
             return OODResult(passed=True, score=score, threshold=GATE_THRESHOLD, population=population)
         if head_s < GATE_THRESHOLD:
-            why = f"the image does not look like a frontal chest radiograph (chest-vs-not check, score {head_s:.2f})"
+            why = "the image does not look like a frontal chest radiograph"
             check = "chest_vs_not"
         elif orient_s < GATE_THRESHOLD:
-            why = (f"the film looks turned or inverted, not an upright frontal chest radiograph as displayed "
-                   f"(orientation check, score {orient_s:.2f})")
+            why = "the film looks turned or inverted, not an upright frontal chest radiograph as displayed"
             check = "orientation"
         else:
-            why = (f"the image is unlike the chest radiographs the model was trained on (distance check, "
-                   f"typicality score {dist_s:.2f})")
+            why = "the image is unlike the chest radiographs the model was trained on"
             check = "distance"
         return OODResult(passed=False, score=score, threshold=GATE_THRESHOLD, reason=why, check=check,
                          population=population)

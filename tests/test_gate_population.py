@@ -68,11 +68,11 @@ def _held_out(shared: Path) -> dict[str, list[Path]]:
         else:
             rows = [r for r in rows if r["split"] == "val"]
         out[folder] = [shared / folder / r["file"] for r in rows[::max(1, len(rows) // 20)][:20]]
+    from ml.training.gate_fit import hannover_fit_patients
+
     han = list(csv.DictReader(open(shared / "covid19_hannover" / "labels.csv")))
-    patients = sorted({r["patient_id"] for r in han})
-    perm = np.random.default_rng(11).permutation(len(patients))
-    held = {patients[j] for j in perm[len(patients) // 2:]}
-    rows = [r for r in han if r["patient_id"] in held]
+    fitted = hannover_fit_patients(r["patient_id"] for r in han)
+    rows = [r for r in han if r["patient_id"] not in fitted]
     out["covid19_hannover"] = [shared / "covid19_hannover" / r["file"] for r in rows[::max(1, len(rows) // 20)][:20]]
     out["dicom"] = [shared / "dicom" / n for n in HUMAN_DICOMS]
     return out
@@ -243,3 +243,43 @@ def test_fhir_outside_population_result(model, shared_data, tmp_path):
         assert "outside the validated population" in res["DiagnosticReport"][0]["conclusion"].lower()
         for obs in res["Observation"]:
             assert "interpretation" not in obs
+
+
+def test_onnx_engine_shares_the_forward_pass_and_flags_the_adult(model, shared_data, tmp_path):
+    from ml.pipeline import Analyzer
+
+    analyzer = Analyzer(model, ood_gate=None, max_bytes=1 << 28, max_pixels=1 << 28, engine="onnx",
+                        engine_cache_dir=tmp_path)
+    if analyzer.engine != "onnx":
+        pytest.skip("ONNX Runtime export not available here")
+    adult = analyzer.analyze_bytes(_dicom_with_age(shared_data, "061Y"), filename="adult.dcm")
+    assert adult.outside_population and adult.triage == "routine" and adult.warnings
+    from ml.errors import NotChestXRay
+
+    with pytest.raises(NotChestXRay) as err:
+        analyzer.analyze_bytes(_png(np.random.default_rng(6).random((256, 256))), filename="noise.png")
+    assert err.value.check in ("chest_vs_not", "orientation", "distance")
+
+
+def test_gate_modes_from_settings(model):
+    from fhir_server.settings import Settings
+
+    assert Settings(ood_gate="warn").ood_gate == "warn"
+    assert Settings(ood_gate="true").ood_gate is True and Settings(ood_gate="false").ood_gate is False
+    noise = _png(np.random.default_rng(8).random((256, 256)))
+    off = _analyzer(model, "off").analyze_bytes(noise, filename="noise.png")
+    assert off.warnings == () or all("CXR_OOD_GATE" not in w for w in off.warnings)
+    with pytest.raises(ValueError):
+        _analyzer(model, "maybe")
+
+
+def test_evaluate_held_out_prints_every_figure(model, shared_data):
+    from ml.training.evaluate import format_held_out, held_out_report
+
+    report = held_out_report(shared_data, model, limit_per_source=2)
+    assert {"kermany_pneumonia", "nih_cxr14", "covid19_hannover", "dicom"} <= set(report["sources"])
+    text = format_held_out(report)
+    assert "false refusals" in text and "Population head accuracy" in text and "triaged urgent" in text
+    for s in report["sources"].values():
+        assert s["n"] >= 1 and len(s["false_refusal_ci95"]) == 2
+    assert report["adult_urgent"]["nih_no_pneumonia"]["n"] + report["adult_urgent"]["nih_pneumonia"]["n"] >= 1

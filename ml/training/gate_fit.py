@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -38,14 +39,17 @@ INVERTED_DICOM = "fake_monochrome1"
 ORIENT_C = 1.0
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
+def wilson(k: int, n: int) -> tuple[float, float]:
+    from ml.training.metrics import wilson_ci
+
+    return wilson_ci(k, n) if n else (float("nan"), float("nan"))
+
+
+def hannover_fit_patients(patients: Iterable[str]) -> set[str]:
+    """The (seeded) half of the Hannover patients the heads are fitted on; the rest is held out."""
+    han = sorted(set(patients))
+    perm = np.random.default_rng(11).permutation(len(han))
+    return {han[j] for j in perm[: len(han) // 2]}
 
 
 def assign_sides(meta: list[dict[str, Any]], data_dir: Path) -> np.ndarray:
@@ -53,9 +57,7 @@ def assign_sides(meta: list[dict[str, Any]], data_dir: Path) -> np.ndarray:
     from ml.training.data import list_records
 
     kroles = {r.patient: r.role for r in list_records(data_dir) if r.dataset == "kermany_pneumonia"}
-    han = sorted({m["patient"] for m in meta if m["source"] == "covid19_hannover"})
-    perm = np.random.default_rng(11).permutation(len(han))
-    han_fit = {han[j] for j in perm[: len(han) // 2]}
+    han_fit = hannover_fit_patients(m["patient"] for m in meta if m["source"] == "covid19_hannover")
     nih_val = set()
     import csv
 
