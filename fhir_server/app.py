@@ -65,6 +65,7 @@ def load_analyzer(settings: Settings) -> Analyzer:
         engine=settings.engine,
         engine_cache_dir=settings.onnx_cache_dir,
         precision=settings.precision,
+        gate_mode="warn" if settings.ood_gate == "warn" else ("refuse" if settings.ood_gate else "off"),
     )
 
 

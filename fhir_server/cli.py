@@ -50,6 +50,8 @@ def _print_table(name: str, analysis) -> None:  # analysis: ml.analysis.Analysis
         from ml.findings import UNTRAINED_WARNING
 
         print(f"!! {UNTRAINED_WARNING}")
+    for warning in analysis.warnings:  # gate in warn mode, outside the validated population (issue 11)
+        print(f"!! {warning}")
     print(f"   model {info.name} ({info.version}); {analysis.image.width}x{analysis.image.height} "
           f"{analysis.image.source_format}; {analysis.processing_time_ms:.0f} ms")
     print(f"   {'finding':<28} {'prob':>6} {'thresh':>6}  {'detected':<8} {'severity':<9} regions")

@@ -118,7 +118,13 @@ async def _cxr_error(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s: %s", exc.code, exc.message)
     retry_after = getattr(exc, "retry_after", None)  # inference.ServerBusy: when to try again
     headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return error_response(request, exc.http_status, exc.code, exc.message, headers=headers)
+    response = error_response(request, exc.http_status, exc.code, exc.message, headers=headers)
+    fields = getattr(exc, "fields", None)  # e.g. NotChestXRay: which gate check refused, its score
+    if callable(fields) and not is_fhir_path(request.url.path):
+        body = legacy_error(exc.code, exc.message)
+        body["error"].update(fields())
+        response = JSONResponse(body, status_code=exc.http_status, headers=headers)
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

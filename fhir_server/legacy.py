@@ -151,7 +151,14 @@ def legacy_response(analysis: Analysis, *, heatmaps: bool) -> dict[str, Any]:
         metadata["warning"] = UNTRAINED_WARNING
     if analysis.ood is not None:
         metadata["ood"] = {"passed": analysis.ood.passed, "score": round(analysis.ood.score, 4)}
-    return {
+        if not analysis.ood.passed:  # CXR_OOD_GATE=warn: which check failed
+            metadata["ood"]["check"] = analysis.ood.check
+        pop = analysis.ood.population
+        if pop is not None:
+            metadata["population"] = {"population": pop.population, "source": pop.source,
+                                      "score": round(pop.score, 4), "age_years": pop.age_years,
+                                      "outside_validated_population": analysis.outside_population}
+    body: dict[str, Any] = {
         "status": "success",
         "prediction": {
             "diagnoses": [_diagnosis(f, heatmaps=heatmaps) for f in analysis.findings],
@@ -163,6 +170,9 @@ def legacy_response(analysis: Analysis, *, heatmaps: bool) -> dict[str, Any]:
         },
         "metadata": metadata,
     }
+    if analysis.warnings:  # only when flagged (warn-mode gate, outside the validated population)
+        body["warnings"] = list(analysis.warnings)
+    return body
 
 
 @router.post(

@@ -227,7 +227,6 @@ def build_observation(
         "effectiveDateTime": inp.effective or _fhir_instant(analysis.created),
         "issued": _fhir_instant(analysis.created),
         "valueQuantity": _probability(finding.probability),
-        "interpretation": [_cc([interp])],
         "referenceRange": [
             {
                 "high": _probability(finding.threshold),
@@ -239,6 +238,11 @@ def build_observation(
         "derivedFrom": [{"reference": inp.reference}],
         "note": [{"text": n} for n in notes],
     }
+    if analysis.outside_population:
+        # unvalidated for this population: no positive/negative call, only the probability
+        notes.append("No interpretation: the film is outside the model's validated population.")
+    else:
+        data["interpretation"] = [_cc([interp])]
     if mapping.body_site:
         data["bodySite"] = _cc([mapping.body_site])
     if inp.subject:
@@ -384,6 +388,16 @@ def build_results(
         images, inp, observations=observations, heatmaps=links, detected=detected, ident=ident, notes=notes
     )
     return AnalysisResources(report, observations, heatmap_media, binaries, device, list(notes))
+
+
+def warning_outcome_entry(warnings: Sequence[str]) -> Json:
+    """A Bundle entry: an OperationOutcome with one warning issue per flag the analysis carries."""
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "id": new_id(),
+        "issue": [{"severity": "warning", "code": "business-rule", "diagnostics": w} for w in warnings],
+    }
+    return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": outcome}
 
 
 _ACTIVITY = {"CREATE": "create", "UPDATE": "revise"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,7 +18,10 @@ class Settings(BaseSettings):
         Path("~/.cxr/weights").expanduser(),
         description="Where TorchXRayVision weight files are looked up (never downloaded at run time)",
     )
-    ood_gate: bool = Field(True, description="Refuse images that are not frontal chest X-rays")
+    ood_gate: bool | Literal["warn"] = Field(
+        True, description="Refuse images that are not frontal chest X-rays (true); false: no gate; warn (issue 11): "
+        "analyse them anyway and flag the result (legacy `warnings`, FHIR OperationOutcome warning + report note)"
+    )
     heatmap_top_k: int = Field(3, ge=1, le=18, description="Heatmaps for at most this many findings")
 
     # Input limits

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from ml.image import ImageMetadata
+from ml.population import PopulationResult
 
 SEVERITIES = ("none", "low", "moderate", "high")
 
@@ -38,6 +39,10 @@ class OODResult:
     score: float  # higher = more like a frontal chest radiograph, 0..1
     threshold: float
     reason: str | None = None
+    # which check decided: "metadata" | "chest_vs_not" | "distance" (None when it passed)
+    check: str | None = None
+    # the film's population (ml/population.py), when the gate could tell
+    population: PopulationResult | None = None
 
 
 @dataclass(frozen=True)
@@ -52,3 +57,8 @@ class Analysis:
     ood: OODResult | None
     created: datetime  # timezone-aware UTC
     processing_time_ms: float
+    # Flags a person must see with the result (gate in warn mode, outside the validated population)
+    warnings: tuple[str, ...] = ()
+    # True when the film is outside the population the model was validated on: never triaged
+    # urgent, and its findings carry no positive/negative interpretation
+    outside_population: bool = False

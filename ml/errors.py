@@ -56,10 +56,25 @@ class UnsupportedDicom(InputError):
 
 
 class NotChestXRay(InputError):
-    """The out-of-distribution gate refused the image: not a frontal chest radiograph."""
+    """The out-of-distribution gate refused the image: not a frontal chest radiograph.
+
+    `check` names the check that refused ("metadata", "chest_vs_not", "distance") and `score` /
+    `threshold` its gate score, so an API answer can say why."""
 
     code = "not_chest_xray"
     http_status = 422
+
+    def __init__(self, message: str, *, detail: str | None = None, check: str | None = None,
+                 score: float | None = None, threshold: float | None = None) -> None:
+        super().__init__(message, detail=detail)
+        self.check = check
+        self.score = score
+        self.threshold = threshold
+
+    def fields(self) -> dict[str, object]:
+        """Machine-readable extras for an API error body (which check refused, with its score)."""
+        return {"check": self.check, "score": None if self.score is None else round(self.score, 4),
+                "threshold": self.threshold}
 
 
 class ModelUnavailable(CXRError):

@@ -117,15 +117,20 @@ def study_confidence(findings: Sequence[Finding]) -> float:
     return min(call_confidence(f.probability, f.threshold) for f in findings)
 
 
-def impression(findings: Sequence[Finding], *, untrained: bool = False) -> str:
+OUTSIDE_POPULATION = "OUTSIDE THE VALIDATED POPULATION (not triaged urgent)"
+
+
+def impression(findings: Sequence[Finding], *, untrained: bool = False, outside_population: bool = False) -> str:
     """One line for a busy reader."""
     detected = [f for f in findings if f.detected]
     if detected:
         parts = ", ".join(f"{f.display.lower()} ({f.severity})" for f in detected)
         line = f"AI suggests {parts}"
-        line += "; urgent review advised." if triage(findings) == "urgent" else "."
+        line += "; urgent review advised." if triage(findings) == "urgent" and not outside_population else "."
     else:
         line = f"{NO_FINDING} among the {len(findings)} findings assessed."
+    if outside_population:
+        line = f"{OUTSIDE_POPULATION}: " + line
     if untrained:
         line = "UNTRAINED DEMO MODEL (meaningless output): " + line
     return line
@@ -137,11 +142,17 @@ def report_text(
     model: ModelInfo,
     confidence: float,
     view_position: str | None = None,
+    warnings: Sequence[str] = (),
+    outside_population: bool = False,
 ) -> str:
     """Short plain-text report: findings, impression, triage, model, disclaimer (always last)."""
     lines: list[str] = []
     if model.untrained:
         lines += [f"*** {UNTRAINED_WARNING} ***", ""]
+    for w in warnings:
+        lines += [f"*** WARNING: {w} ***"]
+    if warnings:
+        lines.append("")
     view = f" ({view_position})" if view_position else ""
     lines.append(f"AI chest radiograph analysis{view}")
     lines.append("Findings:")
@@ -154,8 +165,9 @@ def report_text(
         )
     if not detected:
         lines.append(f"- {NO_FINDING}.")
-    lines.append(f"Impression: {impression(findings, untrained=model.untrained)}")
-    lines.append(f"Triage: {triage(findings)}. Confidence: {confidence:.2f}.")
+    lines.append(f"Impression: {impression(findings, untrained=model.untrained, outside_population=outside_population)}")
+    shown = "routine (outside the validated population)" if outside_population else triage(findings)
+    lines.append(f"Triage: {shown}. Confidence: {confidence:.2f}.")
     lines.append(f"Model: {model.name} (version {model.version}).")
     lines.append(DISCLAIMER)
     return "\n".join(lines)

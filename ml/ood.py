@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,9 +28,15 @@ import torch
 
 from ml.analysis import OODResult
 from ml.image import XRayImage
+from ml.population import PopulationParams
+from ml.population import classify as classify_population
 from ml.preprocess import to_model_input
 
 GATE_THRESHOLD = 0.5
+# The gate's own heads (chest-vs-not, typicality, population), fitted on every shared source with
+# framing variations (ml/training/gate_fit.py); they replace the ood.* tensors of the model file.
+GATE_FILE = "cxr-gate-v2.safetensors"
+GATE_MANIFEST = "cxr-gate-v2.json"
 # Modalities that are never a projection chest radiograph (ingest may refuse some of them already).
 NON_RADIOGRAPH_MODALITIES = {"CT", "MR", "US", "NM", "PT", "OT", "XA", "RF", "MG", "OP", "SM", "ES", "IO", "PX", "SEG", "RTDOSE"}
 LATERAL_VIEWS = {"LAT", "LL", "RL", "LATERAL", "RLD", "LLD", "XTABLE"}
@@ -51,6 +58,9 @@ class GateParams:
     inv_sd: np.ndarray  # (K,) 1 / sqrt(PCA variance)
     dist_threshold: float  # Mahalanobis distance (RMS per component) at the gate threshold
     dist_scale: float  # softness of the distance score around its threshold
+    # orientation head (gate v2): upright film vs the same films turned or inverted; 0 = threshold
+    orient_w: np.ndarray | None = None
+    orient_b: float = 0.0
 
     def to_state(self) -> dict[str, torch.Tensor]:
         return {
@@ -60,7 +70,10 @@ class GateParams:
             "ood.components": torch.from_numpy(self.components.astype(np.float32)),
             "ood.inv_sd": torch.from_numpy(self.inv_sd.astype(np.float32)),
             "ood.dist": torch.tensor([self.dist_threshold, self.dist_scale], dtype=torch.float32),
-        }
+        } | ({} if self.orient_w is None else {
+            "ood.orient_w": torch.from_numpy(self.orient_w.astype(np.float32)),
+            "ood.orient_b": torch.tensor([self.orient_b], dtype=torch.float32),
+        })
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> GateParams:
@@ -73,6 +86,8 @@ class GateParams:
             inv_sd=state["ood.inv_sd"].double().numpy(),
             dist_threshold=float(dist[0]),
             dist_scale=float(dist[1]),
+            orient_w=state["ood.orient_w"].double().numpy() if "ood.orient_w" in state else None,
+            orient_b=float(state["ood.orient_b"][0]) if "ood.orient_b" in state else 0.0,
         )
 
     def head_logit(self, feats: np.ndarray) -> np.ndarray:
@@ -81,6 +96,12 @@ class GateParams:
     def distance(self, feats: np.ndarray) -> np.ndarray:
         z = ((feats - self.mean) @ self.components.T) * self.inv_sd
         return np.sqrt(np.mean(z * z, axis=-1))
+
+    def orientation(self, feats: np.ndarray) -> np.ndarray:
+        """0..1, 0.5 at its threshold; 1 where there is no orientation head (v1 gates)."""
+        if self.orient_w is None:
+            return np.ones(len(feats))
+        return 1.0 / (1.0 + np.exp(-np.clip(feats @ self.orient_w + self.orient_b, -60, 60)))
 
     def scores(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(head score, distance score), each 0..1 with 0.5 at its threshold."""
@@ -115,18 +136,21 @@ def metadata_reason(image: XRayImage) -> str | None:
 
 
 class FeatureGate:
-    """OODGate on the pneumonia network's features (see module docstring)."""
+    """OODGate on the pneumonia network's features (see module docstring); it also tells the film's
+    population (ml/population.py) from the same features."""
 
-    def __init__(self, network: torch.nn.Module, params: GateParams | None, input_size: int) -> None:
+    def __init__(self, network: torch.nn.Module, params: GateParams | None, input_size: int,
+                 population: PopulationParams | None = None) -> None:
         self._net = network
         self._params = params
         self._size = input_size
+        self._population = population
 
     @classmethod
     def from_state(cls, network: torch.nn.Module, state: dict[str, torch.Tensor], config: dict[str, Any],
                    input_size: int) -> FeatureGate:
         params = GateParams.from_state(state) if "ood.head_w" in state else None
-        return cls(network, params, input_size)
+        return cls(network, params, input_size, PopulationParams.from_state(state))
 
     def features(self, image: XRayImage) -> np.ndarray:
         x, _ = to_model_input(image.pixels, self._size)
@@ -145,19 +169,54 @@ class FeatureGate:
     def _decide(self, image: XRayImage, pooled: Callable[[], np.ndarray]) -> OODResult:
         reason = metadata_reason(image)
         if reason is not None:
-            return OODResult(passed=False, score=0.0, threshold=GATE_THRESHOLD, reason=reason)
-        if self._params is None:  # weights shipped without a gate: metadata checks only
-            return OODResult(passed=True, score=1.0, threshold=GATE_THRESHOLD, reason=None)
-        head, dist = self._params.scores(pooled()[None])
+            return OODResult(passed=False, score=0.0, threshold=GATE_THRESHOLD, reason=reason, check="metadata")
+        feats = pooled() if (self._params is not None or self._population is not None) else None
+        population = classify_population(image.metadata, feats, self._population)
+        if self._params is None or feats is None:  # weights shipped without a gate: metadata checks only
+            return OODResult(passed=True, score=1.0, threshold=GATE_THRESHOLD, population=population)
+        head, dist = self._params.scores(feats[None])
         head_s, dist_s = float(head[0]), float(dist[0])
-        score = min(head_s, dist_s)
+        orient_s = float(self._params.orientation(feats[None])[0])
+        score = min(head_s, dist_s, orient_s)
         if score >= GATE_THRESHOLD:
-            return OODResult(passed=True, score=score, threshold=GATE_THRESHOLD, reason=None)
+            return OODResult(passed=True, score=score, threshold=GATE_THRESHOLD, population=population)
         if head_s < GATE_THRESHOLD:
-            why = f"the image does not look like a frontal chest radiograph (chest score {head_s:.2f})"
+            why = "the image does not look like a frontal chest radiograph"
+            check = "chest_vs_not"
+        elif orient_s < GATE_THRESHOLD:
+            why = "the film looks turned or inverted, not an upright frontal chest radiograph as displayed"
+            check = "orientation"
         else:
-            why = f"the image is unlike the chest radiographs the model was trained on (typicality {dist_s:.2f})"
-        return OODResult(passed=False, score=score, threshold=GATE_THRESHOLD, reason=why)
+            why = "the image is unlike the chest radiographs the model was trained on"
+            check = "distance"
+        return OODResult(passed=False, score=score, threshold=GATE_THRESHOLD, reason=why, check=check,
+                         population=population)
+
+
+def load_gate_state(weights_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The gate + population heads file (GATE_FILE) after its sha256 check; None when not shipped."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ml.errors import ModelUnavailable
+    from ml.models.bundled import sha256_file
+
+    manifest_path = weights_dir / GATE_MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"gate manifest {manifest_path} is unreadable: {exc}") from exc
+    path = weights_dir / manifest.get("weights_file", GATE_FILE)
+    if not path.is_file():
+        raise ModelUnavailable(f"gate weights {path} are missing")
+    actual = sha256_file(path)
+    if actual != manifest.get("sha256"):
+        raise ModelUnavailable(f"gate weights {path} fail their checksum (sha256 {actual[:12]}..., "
+                               f"manifest says {str(manifest.get('sha256'))[:12]}...)")
+    return load_file(str(path))
 
 
 def load_default_gate() -> FeatureGate:

@@ -48,6 +48,7 @@ from ml.errors import NotChestXRay
 from ml.explain import CamCapture, cam_regions, grad_cam, heatmap_png
 from ml.image import ImageMetadata, XRayImage
 from ml.models.base import LoadedModel, OODGate
+from ml.population import outside_message
 from ml.preprocess import Transform, preprocess
 
 
@@ -62,6 +63,7 @@ class _Prepared:
     ood: OODResult | None
     heatmaps: bool
     start: float
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 CamFn = Callable[[int], "np.ndarray | None"]  # model label index -> map (S, S) in 0..1, or None
@@ -79,7 +81,11 @@ class Analyzer:
         engine: str = "torch",
         engine_cache_dir: Path | None = None,
         precision: str = "fp32",
+        gate_mode: str = "refuse",
     ) -> None:
+        if gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode must be one of {GATE_MODES}, not {gate_mode!r}")
+        self._gate_mode = gate_mode
         self._model = model
         self._gate = ood_gate if ood_gate is not None else model.ood_gate
         self._max_bytes = max_bytes
@@ -197,11 +203,20 @@ class Analyzer:
         original = image.metadata
         image = working_image(image, self._model.input_size)
         ood = None
+        warnings: list[str] = []
         if self._gate is not None and not self._shared_gate:
             ood = self._gate.check(image)
-            _refuse_unless_passed(ood)
+            warnings += self._gate_verdict(ood)
         array, transform = preprocess(image, self._model.input_size)
-        return _Prepared(image, original, array, transform, ood, heatmaps, start)
+        return _Prepared(image, original, array, transform, ood, heatmaps, start, warnings)
+
+    def _gate_verdict(self, ood: OODResult) -> list[str]:
+        """Refuse (NotChestXRay) a failed gate, or in warn mode return the warning to show instead."""
+        if ood.passed or self._gate_mode == "off":
+            return []
+        if self._gate_mode == "refuse":
+            _refuse_unless_passed(ood)
+        return [gate_warning(ood)]
 
     def _run(self, batch: list[_Prepared]) -> list[Analysis | BaseException]:
         if isinstance(self._engine, OnnxEngine):
@@ -237,7 +252,7 @@ class Analyzer:
             if self._shared_gate:
                 try:
                     prepared.ood = self._gate.check_features(prepared.image, features[row].mean(axis=(1, 2)))  # type: ignore[union-attr]
-                    _refuse_unless_passed(prepared.ood)
+                    prepared.warnings += self._gate_verdict(prepared.ood)
                 except Exception as exc:  # noqa: BLE001 - this request's refusal only
                     results.append(exc)
                     continue
@@ -285,14 +300,22 @@ class Analyzer:
 
         findings = [_with_explanation(f, explained.get(f.label)) for f in findings]
         confidence = fnd.study_confidence(findings)
+        warnings = list(prepared.warnings)
+        outside = _outside_population(model, prepared.ood)
+        if outside is not None:
+            warnings.append(outside)
         return Analysis(
             findings=findings,
-            triage=fnd.triage(findings),
+            # a film outside the validated population is never triaged urgent (its calls are unvalidated)
+            triage="routine" if outside else fnd.triage(findings),
             confidence_score=confidence,
-            impression=fnd.impression(findings, untrained=model.info.untrained),
+            impression=fnd.impression(findings, untrained=model.info.untrained, outside_population=outside is not None),
             report_text=fnd.report_text(
-                findings, model=model.info, confidence=confidence, view_position=original.view_position
+                findings, model=model.info, confidence=confidence, view_position=original.view_position,
+                warnings=warnings, outside_population=outside is not None,
             ),
+            warnings=tuple(warnings),
+            outside_population=outside is not None,
             model=model.info,
             image=original,
             ood=prepared.ood,
@@ -301,11 +324,38 @@ class Analyzer:
         )
 
 
+# refuse: a failed gate is a NotChestXRay; warn: analysed and flagged; off: analysed, not flagged (the
+# gate still runs when it is the model's own, for the population check that shares its features)
+GATE_MODES = ("refuse", "warn", "off")
+
+
+def gate_warning(ood: OODResult) -> str:
+    """The flag a result carries when the gate failed but the site asked for analysis anyway."""
+    check = f"{ood.check} check, " if ood.check else ""
+    return (f"Not a frontal chest radiograph according to the out-of-distribution gate ({check}score "
+            f"{ood.score:.3f} below {ood.threshold:.3f}): {_sentence(ood.reason or 'refused')} Analysed anyway "
+            "because CXR_OOD_GATE=warn; the findings may be meaningless.")
+
+
+def _outside_population(model: LoadedModel, ood: OODResult | None) -> str | None:
+    """The outside-the-validated-population warning, or None when inside or unknown."""
+    validated = model.validated_population
+    pop = ood.population if ood is not None else None
+    if validated is None or pop is None or pop.population == validated:
+        return None
+    return outside_message(model.info.name, validated, pop)
+
+
 def _refuse_unless_passed(ood: OODResult) -> None:
     if not ood.passed:
+        check = ood.check or "gate"
         raise NotChestXRay(
-            _sentence(ood.reason or "the image does not look like a frontal chest radiograph"),
+            _sentence(ood.reason or "the image does not look like a frontal chest radiograph")
+            + f" Refused by the {check} check (score {ood.score:.3f}, threshold {ood.threshold:.3f}).",
             detail=f"OOD score {ood.score:.3f} below threshold {ood.threshold:.3f}",
+            check=ood.check,
+            score=ood.score,
+            threshold=ood.threshold,
         )
 
 

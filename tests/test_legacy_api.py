@@ -185,7 +185,8 @@ def test_bad_inputs_get_4xx_json_and_server_keeps_answering(client, label, data,
 def test_ood_refusal_is_422_with_reason(tmp_path):
     with TestClient(create_app(_settings(tmp_path), analyzer=tiny_analyzer(ood_gate=RefusingGate()))) as c:
         body = _assert_error(_post(c, png_bytes(quadrant_pixels(64, 64))), 422, "not_chest_xray")
-        assert body["error"]["message"] == RefusingGate.reason
+        assert body["error"]["message"].startswith(RefusingGate.reason)  # + which check refused, its score
+        assert body["error"]["check"] is None and body["error"]["score"] == 0.1
 
 
 def test_model_unavailable_keeps_server_up(tmp_path):

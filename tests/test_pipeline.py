@@ -66,7 +66,9 @@ def test_dicom_end_to_end_keeps_metadata_and_orientation(photometric):
 def test_gate_refusal_raises_not_chest_xray_with_the_reason():
     with pytest.raises(NotChestXRay) as err:
         tiny_analyzer(ood_gate=RefusingGate()).analyze_bytes(png_bytes(quadrant_pixels(64, 64)))
-    assert err.value.message == RefusingGate.reason
+    # the reason, then which check refused with its score (issue 11)
+    assert err.value.message.startswith(RefusingGate.reason)
+    assert "Refused by the gate check (score 0.100, threshold 0.500)." in err.value.message
     assert err.value.http_status == 422
 
 

@@ -310,7 +310,10 @@ def _write_results(
             input_ref, input_resource = input_stored.reference, input_stored.resource or req.resource
         effective = input_resource.get("createdDateTime") or input_resource.get("started")
         inp = fr.AnalysisInput(input_ref, input_resource.get("subject"), effective, tuple(views))
-        built = fr.build_results(images, inp, notes=notes)
+        # flags from ml (gate in warn mode, outside the validated population): a note on the report
+        # and an OperationOutcome warning in the Bundle
+        warnings = list(dict.fromkeys(w for img in images for w in img.analysis.warnings))
+        built = fr.build_results(images, inp, notes=[*notes, *warnings])
 
         device_criteria = urlencode({"identifier": f"{fr.MODEL_ID_SYSTEM}|{built.device['identifier'][0]['value']}"})
         device = tx.read_or_none("Device", built.device["id"]) or tx.create(
@@ -339,6 +342,8 @@ def _write_results(
             "timestamp": report.last_updated_instant,
             "entry": [{"fullUrl": f"{req.base}/{s.reference}", "resource": s.resource} for s in ordered],
         }
+        if warnings:
+            bundle["entry"].append(fr.warning_outcome_entry(warnings))
         status = 201 if report.created else 200
         where = report.location(req.base)
         headers = {"Location": where} if status == 201 else {"Content-Location": where}

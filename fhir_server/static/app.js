@@ -35,8 +35,10 @@ function showError(message) {
 function render(body) {
   const p = body.prediction;
   const m = body.metadata;
-  $("untrained").hidden = !m.untrained;
-  $("untrained").textContent = m.warning || "";
+  // the banner carries every flag: untrained model, gate in warn mode, outside the validated population
+  const flags = [m.untrained ? m.warning : null, ...(body.warnings || [])].filter(Boolean);
+  $("untrained").hidden = flags.length === 0;
+  $("untrained").textContent = flags.join(" ");
   const triage = $("triage");
   triage.textContent = p.triage;
   triage.className = "pill " + p.triage;

@@ -20,6 +20,14 @@ def build_metadata(ds: Dataset, *, rows: int, cols: int, extra: dict[str, str]) 
         ts = str(meta.TransferSyntaxUID)
     if ds.get("NumberOfFrames") is not None:
         extra["number_of_frames"] = str(ds.NumberOfFrames)
+    # the patient's age at the study (ml/population.py compares it with a model's validated population)
+    for keyword, key in (("PatientAge", "patient_age"), ("PatientBirthDate", "patient_birth_date")):
+        if (value := _str(ds.get(keyword))) is not None:
+            extra[key] = value
+    for keyword in ("StudyDate", "AcquisitionDate", "ContentDate"):
+        if (value := _str(ds.get(keyword))) is not None:
+            extra["study_date"] = value
+            break
     return ImageMetadata(
         source_format="dicom",
         width=cols,

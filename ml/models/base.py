@@ -31,3 +31,5 @@ class LoadedModel:
     cam_layer: torch.nn.Module
     # a model-specific gate; when None the pipeline uses the bundled default gate.
     ood_gate: OODGate | None = None
+    # the population the model was validated on (ml.population.PEDIATRIC / ADULT); None: not checked
+    validated_population: str | None = None

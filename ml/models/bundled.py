@@ -23,6 +23,7 @@ from torch import nn
 from ml.analysis import ModelInfo
 from ml.errors import ModelUnavailable
 from ml.models.base import LoadedModel
+from ml.population import PEDIATRIC
 from ml.version import package_version
 
 BUNDLED_NAME = "cxr:pneumonia-v1"
@@ -206,7 +207,7 @@ def build_network(manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> P
 
 def load_bundled(name: str = BUNDLED_NAME, *, weights_dir: Path | None = None) -> LoadedModel:
     """The shipped pneumonia model with its OOD gate; raises ModelUnavailable when it cannot be trusted."""
-    from ml.ood import FeatureGate
+    from ml.ood import FeatureGate, load_gate_state
 
     if name != BUNDLED_NAME:
         raise ModelUnavailable(f"unknown bundled model {name!r}; available: {BUNDLED_NAME}")
@@ -214,7 +215,9 @@ def load_bundled(name: str = BUNDLED_NAME, *, weights_dir: Path | None = None) -
     manifest = read_manifest(wdir)
     state = load_verified_state(wdir, manifest)
     net = build_network(manifest, state)
-    gate = FeatureGate.from_state(net, state, manifest.get("ood", {}), int(manifest["input_size"]))
+    # the refitted gate file wins over the ood.* tensors shipped inside the model file
+    gate_state = load_gate_state(wdir) or state
+    gate = FeatureGate.from_state(net, gate_state, manifest.get("ood", {}), int(manifest["input_size"]))
     info = ModelInfo(
         name=BUNDLED_NAME,
         version=manifest["sha256"][:12],
@@ -231,4 +234,5 @@ def load_bundled(name: str = BUNDLED_NAME, *, weights_dir: Path | None = None) -
         network=net,
         cam_layer=net.cam_layer,
         ood_gate=gate,
+        validated_population=PEDIATRIC,
     )

@@ -63,7 +63,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
     e = subparsers.add_parser("evaluate", help="metrics of a model on a labels.csv folder, via the server pipeline")
-    e.add_argument("--labels", required=True, help="path to labels.csv (file column relative to its folder)")
+    e.add_argument("--labels", default=None, help="path to labels.csv (file column relative to its folder)")
+    e.add_argument("--held-out", default=None, metavar="DATA_DIR",
+                   help="instead of --labels: every shared source's held-out patients (issue 11): gate false "
+                        "refusals per source, population head accuracy, adult urgent-triage share")
     e.add_argument("--finding", default="pneumonia")
     e.add_argument("--model", default="cxr:pneumonia-v1")
     e.add_argument("--weights-dir", default=None, help="weights folder (default: the bundled one)")

@@ -137,6 +137,18 @@ def format_text(r: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "held_out", None):
+        data = Path(args.held_out)
+        if not data.is_dir():
+            print(f"data directory not found: {data}", file=sys.stderr)
+            return 2
+        model = load_model_for_eval(args.model, getattr(args, "weights_dir", None))
+        held = held_out_report(data, model, limit_per_source=args.limit)
+        print(json.dumps(held, indent=2) if args.json else format_held_out(held))
+        return 0
+    if not args.labels:
+        print("give --labels LABELS.csv or --held-out DATA_DIR", file=sys.stderr)
+        return 2
     path = Path(args.labels)
     if not path.is_file():
         print(f"labels file not found: {path}", file=sys.stderr)
@@ -158,3 +170,127 @@ def main(args: argparse.Namespace) -> int:
     report = evaluate(rows, model, args.finding)
     print(json.dumps(report, indent=2) if args.json else format_text(report))
     return 0
+
+
+# ---- issue 11: gate false refusals, population head, adult urgent triage (held-out patients only)
+
+
+def held_out_films(data_dir: Path) -> list[dict[str, Any]]:
+    """Every real frontal film from patients the gate / population heads were never fitted on
+    (ml/training/gate_fit.py's split): source, path, pneumonia label, age, and the true population."""
+    from ml.population import ADULT, PEDIATRIC
+    from ml.training.data import list_records
+    from ml.training.gate_fit import hannover_fit_patients
+
+    kroles = {r.patient: r.role for r in list_records(data_dir) if r.dataset == "kermany_pneumonia"}
+    out: list[dict[str, Any]] = []
+
+    def rows(folder: str) -> list[dict[str, str]]:
+        p = data_dir / folder / "labels.csv"
+        return list(csv.DictReader(open(p, newline=""))) if p.exists() else []
+
+    for folder in ("kermany_pneumonia", "kermany_fullres"):
+        for r in rows(folder):
+            if kroles.get(r["patient_key"], "train") != "train":
+                out.append({"source": folder, "path": data_dir / folder / r["file"], "role": kroles[r["patient_key"]],
+                            "pneumonia": int(r["labels"].upper() == "PNEUMONIA"), "population": PEDIATRIC})
+    for folder in ("nih_cxr14", "nih_cxr14_fullres"):
+        for r in rows(folder):
+            if r["split"] == "val":
+                age = float(r["age"] or -1)
+                out.append({"source": folder, "path": data_dir / folder / r["file"], "pneumonia": int(r["Pneumonia"] == "1"),
+                            "population": ADULT if age >= 18 else None, "age": age})
+    han = rows("covid19_hannover")
+    fitted = hannover_fit_patients(r["patient_id"] for r in han)
+    for r in han:
+        if r["patient_id"] not in fitted:
+            out.append({"source": "covid19_hannover", "path": data_dir / "covid19_hannover" / r["file"],
+                        "pneumonia": None, "population": ADULT})
+    for r in rows("dicom"):
+        if "feline" not in r["file"] and "fake_monochrome1" not in r["file"]:
+            out.append({"source": "dicom", "path": data_dir / "dicom" / r["file"], "pneumonia": None, "population": None})
+    return out
+
+
+def _wilson(k: int, n: int) -> list[float]:
+    from ml.training.gate_fit import wilson
+
+    return list(wilson(k, n))
+
+
+def held_out_report(data_dir: Path, model, *, limit_per_source: int | None = None, log=None) -> dict[str, Any]:
+    from ml import findings as fnd
+    from ml.pipeline import Analyzer
+
+    films = held_out_films(data_dir)
+    analyzer = Analyzer(model, ood_gate=None, max_bytes=1 << 30, max_pixels=1 << 28)
+    per: dict[str, dict[str, Any]] = {}
+    adult = {"nih_no_pneumonia": [0, 0, 0], "nih_pneumonia": [0, 0, 0], "hannover_covid19": [0, 0, 0]}
+    t0 = time.time()
+    for film in films:
+        s = per.setdefault(film["source"], {"n": 0, "refused": 0, "errors": 0, "pop_n": 0, "pop_ok": 0, "refusals": []})
+        if limit_per_source is not None and s["n"] + s["errors"] >= limit_per_source:
+            continue
+        try:
+            a = analyzer.analyze_bytes(film["path"].read_bytes(), filename=film["path"].name)
+        except NotChestXRay as exc:
+            s["n"] += 1
+            s["refused"] += 1
+            s["refusals"].append(f"{film['path'].name}: {exc.message}")
+            continue
+        except CXRError:
+            s["errors"] += 1
+            continue
+        s["n"] += 1
+        pop = a.ood.population if a.ood is not None else None
+        if film["population"] is not None and pop is not None and pop.source == "image":
+            s["pop_n"] += 1
+            s["pop_ok"] += int(pop.population == film["population"])
+        if film["population"] == "adult":
+            key = ("hannover_covid19" if film["source"] == "covid19_hannover"
+                   else ("nih_pneumonia" if film["pneumonia"] else "nih_no_pneumonia"))
+            adult[key][0] += 1
+            adult[key][1] += int(a.triage == "urgent")
+            adult[key][2] += int(fnd.triage(a.findings) == "urgent")  # what it was without the population check
+    analyzer.close()
+    report: dict[str, Any] = {"model": model.info.name, "model_version": model.info.version,
+                              "seconds": round(time.time() - t0, 1), "sources": {}, "adult_urgent": {}}
+    for src, s in per.items():
+        report["sources"][src] = {
+            "n": s["n"], "refused": s["refused"], "false_refusal_rate": s["refused"] / s["n"] if s["n"] else None,
+            "false_refusal_ci95": _wilson(s["refused"], s["n"]), "ingest_errors": s["errors"],
+            "population_n": s["pop_n"], "population_accuracy": s["pop_ok"] / s["pop_n"] if s["pop_n"] else None,
+            "population_ci95": _wilson(s["pop_ok"], s["pop_n"]), "refusals": s["refusals"][:10]}
+    for key, (n, urgent, before) in adult.items():
+        report["adult_urgent"][key] = {"n": n, "urgent": urgent, "share": urgent / n if n else None,
+                                       "ci95": _wilson(urgent, n), "urgent_without_population_check": before,
+                                       "share_without_population_check": before / n if n else None}
+    return report
+
+
+def format_held_out(r: dict[str, Any]) -> str:
+    lines = [f"model {r['model']} ({r['model_version']}); held-out patients of every shared source ({r['seconds']} s)",
+             "", "OOD gate false refusals (real frontal chest films refused; Wilson 95% CI):"]
+    for src, s in r["sources"].items():
+        if s["n"]:
+            lo, hi = s["false_refusal_ci95"]
+            lines.append(f"  {src:<20} {s['refused']:>4}/{s['n']:<5} = {s['false_refusal_rate']:.2%} (95% CI {lo:.2%}-{hi:.2%})"
+                         f"  pass rate {1 - s['false_refusal_rate']:.2%}")
+    lines += ["", "Population head accuracy (films without a DICOM age; Wilson 95% CI):"]
+    for src, s in r["sources"].items():
+        if s["population_n"]:
+            lo, hi = s["population_ci95"]
+            lines.append(f"  {src:<20} {s['population_accuracy']:.2%} of {s['population_n']} (95% CI {lo:.2%}-{hi:.2%})")
+    lines += ["", "Adult films triaged urgent (now vs without the population check):"]
+    names = {"nih_no_pneumonia": "NIH val, adult, no pneumonia", "nih_pneumonia": "NIH val, adult, pneumonia",
+             "hannover_covid19": "Hannover COVID-19 (held-out half)"}
+    for key, a in r["adult_urgent"].items():
+        if a["n"]:
+            lo, hi = a["ci95"]
+            lines.append(f"  {names[key]:<36} {a['urgent']}/{a['n']} = {a['share']:.1%} (95% CI {lo:.1%}-{hi:.1%}); "
+                         f"without the check {a['urgent_without_population_check']}/{a['n']} = "
+                         f"{a['share_without_population_check']:.1%}")
+    for src, s in r["sources"].items():
+        for x in s["refusals"]:
+            lines.append(f"refused ({src}): {x}")
+    return "\n".join(lines)
