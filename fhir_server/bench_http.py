@@ -66,15 +66,31 @@ def memory_mb(pid: int, field: str = "VmHWM") -> float | None:
 
 
 def xrv_weights_dir(weights_dir: Path, scratch: Path) -> tuple[Path, bool]:
-    """(a folder holding DenseNet-121 'all' weights, whether it is the random-weight fixture)."""
-    from ml.models.xrv import weights_file
-
-    filename, _ = weights_file(XRV_DENSENET)
-    if (Path(weights_dir).expanduser() / filename).is_file():
-        return Path(weights_dir).expanduser(), False
+    """(a folder with DenseNet-121 'all' installed for our server AND as a pickle for the naive one,
+    whether it is the random-weight fixture). Installed real weights (`cxr models pull`) are used on
+    both sides: the naive server gets the same tensors re-saved as the pickle torchxrayvision loads."""
     import torch
+
+    from ml.weights.catalog import load_catalog
+    from ml.weights.store import install_fixture, load_installed
+
+    entry = load_catalog().get(XRV_DENSENET)
+    folder = scratch / "xrv-weights"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        net, manifest = load_installed(entry, Path(weights_dir).expanduser())
+    except FileNotFoundError:
+        manifest = None
     import torchxrayvision as xrv
 
+    def naive_pickle(state) -> None:  # exactly what xrv.models.DenseNet(weights=...) unpickles
+        plain = xrv.models.DenseNet(weights=None)
+        plain.load_state_dict(state)
+        torch.save(plain, folder / entry.file)
+
+    if manifest is not None:  # installed weights (a real pull, or a fixture from an earlier run)
+        naive_pickle({k: v for k, v in net.state_dict().items() if k != "op_threshs"})
+        return Path(weights_dir).expanduser(), manifest.sha256_source == "fixture"
     torch.manual_seed(0)
     net = xrv.models.DenseNet(weights=None).eval()
     with torch.no_grad():
@@ -83,9 +99,8 @@ def xrv_weights_dir(weights_dir: Path, scratch: Path) -> tuple[Path, bool]:
         # most films, instead of 11 of 13 (each detected finding costs a region computation).
         net.classifier.weight.mul_(0.002)
         net.classifier.bias.fill_(-5.0)
-    folder = scratch / "xrv-weights"
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(net, folder / filename)
+    install_fixture(entry.name, net.state_dict(), folder)
+    naive_pickle(net.state_dict())
     return folder, True
 
 
@@ -313,7 +328,7 @@ def run_http_bench(settings, *, models: list[str], iterations: int, seconds: flo
         for item in order:
             if item == "naive":
                 print("   running: naive baseline", flush=True)
-                naive_result = bench_naive(xrv_dir, scratch, inputs, iterations=iterations, seconds=seconds)
+                naive_result = bench_naive(scratch / "xrv-weights", scratch, inputs, iterations=iterations, seconds=seconds)
             else:
                 print(f"   running: {item}", flush=True)
                 wdir = xrv_dir if item.startswith("xrv:") else Path(settings.weights_dir)

@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training(sub)  # train, evaluate
     add_openapi(sub)  # openapi
+    from fhir_server.cli_models import add_subcommand as add_models
+
+    add_models(sub)  # models list|pull|import|export-bundle|verify (issue 11)
     return parser
 
 

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         None, description="Token endpoint of the authorization server issuing the bearer tokens (published in /fhir/metadata and /.well-known/smart-configuration)"
     )
 
+    # ---- models (issue 11)
+    models_base_url: str | None = Field(
+        None, description="Where `cxr models pull` fetches release files (a mirror); default: the catalog's "
+        "TorchXRayVision release URL",
+    )
+
     @property
     def onnx_cache_dir(self) -> Path:
         return self.engine_cache_dir or self.data_dir / "onnx-cache"

@@ -36,9 +36,12 @@ def test_fixture_is_served_by_onnx_runtime_not_a_torch_fallback(fixture_weights,
     assert isinstance(eng.build_engine(model, "onnx", cache_dir=tmp_path), eng.OnnxEngine)
 
 
-def test_existing_weights_are_used_not_replaced(fixture_weights, tmp_path):
+def test_existing_weights_are_used_not_replaced_and_given_to_the_naive_side(fixture_weights, tmp_path):
+    from ml.weights.catalog import load_catalog
+
     folder, is_fixture = bench_http.xrv_weights_dir(fixture_weights, tmp_path)
-    assert folder == fixture_weights and not is_fixture
+    assert folder == fixture_weights and is_fixture  # installed fixture weights stay what they are
+    assert (tmp_path / "xrv-weights" / load_catalog().get(bench_http.XRV_DENSENET).file).is_file()
 
 
 def test_naive_baseline_answers_a_png(fixture_weights):
