@@ -104,6 +104,32 @@ def xrv_weights_dir(weights_dir: Path, scratch: Path) -> tuple[Path, bool]:
     return folder, True
 
 
+def fixture_members(models: list[str], folder: Path) -> list[str]:
+    """Install random-weight fixtures in the bench's fixture folder for every other TorchXRayVision
+    model named in `models` (ensemble members included); returns the names installed."""
+    import torch
+    import torchxrayvision as xrv
+
+    from ml.weights.catalog import load_catalog
+    from ml.weights.store import install_fixture, read_manifest
+
+    catalog = load_catalog()
+    names = {m for item in models for m in item.removeprefix("ensemble:").split(",") if m.startswith("xrv:")}
+    done = []
+    for i, name in enumerate(sorted(names)):
+        entry = catalog.get(name)
+        if read_manifest(folder, entry.name) is not None or entry.architecture != "densenet121":
+            continue
+        torch.manual_seed(100 + i)
+        net = xrv.models.DenseNet(weights=None).eval()
+        with torch.no_grad():  # same scaling as the 'all' fixture: 1-2 findings per film
+            net.classifier.weight.mul_(0.002)
+            net.classifier.bias.fill_(-5.0)
+        install_fixture(entry.name, net.state_dict(), folder)
+        done.append(name)
+    return done
+
+
 @contextlib.contextmanager
 def _server(cmd: list[str], env: dict[str, str], port: int, ready_path: str, log: Path) -> Iterator[subprocess.Popen]:
     import httpx
@@ -312,6 +338,8 @@ def run_http_bench(settings, *, models: list[str], iterations: int, seconds: flo
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         scratch = Path(tmp)
         xrv_dir, fixture = xrv_weights_dir(settings.weights_dir, scratch)
+        if fixture:
+            fixture_members(models, xrv_dir)
         print(f"cxr bench --http: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; image source {source}; "
               f"{iterations} requests per latency cell; {seconds:.0f} s per throughput cell; engine "
               f"{(extra_env or {}).get('CXR_ENGINE', settings.engine)}"
@@ -331,7 +359,7 @@ def run_http_bench(settings, *, models: list[str], iterations: int, seconds: flo
                 naive_result = bench_naive(scratch / "xrv-weights", scratch, inputs, iterations=iterations, seconds=seconds)
             else:
                 print(f"   running: {item}", flush=True)
-                wdir = xrv_dir if item.startswith("xrv:") else Path(settings.weights_dir)
+                wdir = xrv_dir if "xrv:" in item else Path(settings.weights_dir)
                 results.append(bench_ours(item, wdir, scratch, inputs, iterations=iterations, seconds=seconds,
                                           extra_env=extra_env or {}))
         print_results(results, naive_result)

@@ -77,3 +77,15 @@ def test_ratio_table(capsys):
     bench_http.print_results([ours], naive)
     out = capsys.readouterr().out
     assert "1 clients x2.00" in out and "4 clients x4.00" in out and "8 clients x3.00" in out
+
+
+def test_ensemble_members_get_fixtures_so_each_member_count_can_be_benched(tmp_path):
+    from ml.models.registry import load_model
+
+    folder, is_fixture = bench_http.xrv_weights_dir(tmp_path / "none", tmp_path)
+    assert is_fixture
+    installed = bench_http.fixture_members(
+        ["xrv:densenet121-res224-all", "ensemble:xrv:densenet121-res224-all,xrv:densenet121-res224-chex"], folder)
+    assert installed == ["xrv:densenet121-res224-chex"]
+    model = load_model("ensemble:xrv:densenet121-res224-all,xrv:densenet121-res224-chex", weights_dir=folder)
+    assert len(model.members) == 2

@@ -31,3 +31,5 @@ class LoadedModel:
     cam_layer: torch.nn.Module
     # a model-specific gate; when None the pipeline uses the bundled default gate.
     ood_gate: OODGate | None = None
+    # an ensemble's members (ml/models/ensemble.py); empty for a single model
+    members: tuple[LoadedModel, ...] = ()
