@@ -77,6 +77,10 @@ class Settings(BaseSettings):
         None, description="Where `cxr models pull` fetches release files (a mirror); default: the catalog's "
         "TorchXRayVision release URL",
     )
+    lone_batch_all_cores: bool = Field(
+        True, description="A batch that starts while every other inference worker idles runs its ONNX forward "
+        "passes on all cores (single-request latency); concurrent batches use cores // workers each",
+    )
 
     @property
     def onnx_cache_dir(self) -> Path:

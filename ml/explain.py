@@ -107,7 +107,9 @@ def cam_regions(
     labelled, count = ndimage.label(mask)
     if count == 0:
         return []
-    areas = ndimage.sum_labels(mask, labelled, index=np.arange(1, count + 1))
+    # pixel count per component: the same integers ndimage.sum_labels(mask, labelled, 1..count) gives,
+    # in one pass (sum_labels cost ~2 ms per finding on noisy maps with many small components)
+    areas = np.bincount(labelled.ravel(), minlength=count + 1)[1:]
     boxes = ndimage.find_objects(labelled)
     order = np.argsort(-areas, kind="stable")[:max_regions]
     out = []

@@ -377,3 +377,50 @@ def test_the_equivalence_check_catches_a_different_answer():
     for wrong in (nudged, flipped, b):
         with pytest.raises(AssertionError):
             assert_same_answer(wrong, a)
+
+
+class _ThreadRecording(_Recording):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.threads: list[int | None] = []
+
+    def analyze_many(self, requests):
+        from ml import engine as eng
+
+        self.threads.append(getattr(eng._CALL, "threads", None))
+        return super().analyze_many(requests)
+
+
+@pytest.mark.skipif(__import__("fhir_server.inference", fromlist=["x"]).available_cores() < 2, reason="needs 2 cores")
+def test_a_lone_batch_runs_on_every_core_and_concurrent_batches_share_them():
+    analyzer = _ThreadRecording(tiny_model(), ood_gate=None, max_bytes=10**8, max_pixels=10**8)
+    requests = [r for r in _requests() if r[2] != "c.png"][:4]
+
+    async def scenario(reqs, lone):
+        pool = InferencePool(2, batch_max_size=4, batch_max_wait_ms=50, lone_batch_all_cores=lone)
+        try:
+            return pool, await asyncio.gather(*(pool.analyze(analyzer, d, heatmaps=h, filename=f) for d, h, f in reqs))
+        finally:
+            pool.shutdown()
+
+    pool, _ = asyncio.run(scenario(requests[:1], True))
+    assert analyzer.threads == [pool.lone_threads] and pool.lone_threads >= 2
+    analyzer.threads.clear()
+    asyncio.run(scenario(requests, True))  # a burst: spread over both workers, each on its share
+    assert analyzer.threads[:2] == [None, None]  # (a straggler arriving after both finished runs lone)
+    analyzer.threads.clear()
+    asyncio.run(scenario(requests[:1], False))
+    assert analyzer.threads == [None]
+
+
+@pytest.mark.parametrize("make_model", [tiny_model, load_untrained], ids=["tiny", "untrained"])
+def test_more_intra_op_threads_give_the_same_answers(tmp_path, make_model):
+    from ml.engine import intra_op_threads
+
+    analyzer = Analyzer(make_model(), ood_gate=None, max_bytes=10**8, max_pixels=10**8, engine="onnx",
+                        engine_cache_dir=tmp_path)
+    for data, heatmaps, filename in [r for r in _requests() if r[2] != "c.png"]:
+        narrow = analyzer.analyze_bytes(data, heatmaps=heatmaps, filename=filename)
+        with intra_op_threads(2):
+            wide = analyzer.analyze_bytes(data, heatmaps=heatmaps, filename=filename)
+        assert_same_answer(wide, narrow)
