@@ -363,3 +363,23 @@ def test_models_base_url_setting_is_the_mirror(server, release_bytes, tmp_path, 
     monkeypatch.setenv("CXR_MODELS_BASE_URL", _base(server))
     assert _cli("models", "pull", ALL, "--weights-dir", str(tmp_path / "w"), "--quiet") == 0
     assert read_manifest(tmp_path / "w", ALL) is not None
+
+
+def test_resnet_weights_load_from_safetensors_without_torchxrayvision_fetching(tmp_path, monkeypatch):
+    """xrv.models.ResNet's constructor always fetches its file: build_network assembles the same model."""
+    import torchvision
+    import torchxrayvision as xrv
+
+    from ml.models.registry import load_model
+    from ml.weights.store import install_fixture
+
+    monkeypatch.setattr(xrv.utils, "download", lambda *a, **k: pytest.fail("tried to download"))
+    torch.manual_seed(3)
+    net = torchvision.models.resnet50(num_classes=18, weights=None)
+    net.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    install_fixture("resnet50-res512-all", net.state_dict(), tmp_path)
+    loaded = load_model("xrv:resnet50-res512-all", weights_dir=tmp_path)
+    assert loaded.input_size == 512 and len(loaded.labels) == 16  # two outputs have no operating point
+    with torch.no_grad():
+        out = loaded.network(torch.zeros(1, 1, 512, 512))
+    assert out.shape == (1, 16) and bool(((out >= 0) & (out <= 1)).all())
