@@ -130,3 +130,17 @@ def test_bad_ensembles_are_refused_with_a_reason(weights, name):
 def test_a_member_without_weights_names_the_pull_command(tmp_path):
     with pytest.raises(ModelUnavailable, match="cxr models pull densenet121-res224-chex"):
         load_model(f"ensemble:cxr:pneumonia-v1,{CHEX}", weights_dir=tmp_path)
+
+
+def test_cxr_evaluate_scores_an_ensemble(weights, tmp_path):
+    from ml.training.evaluate import evaluate, load_model_for_eval
+
+    model = load_model_for_eval(ENS, str(weights))
+    assert len(model.members) == 2
+    rows = []
+    for i, q in enumerate(["top_left", "bottom_right", "all", None]):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(png_bytes(quadrant_pixels(128, 128, quadrant=q)))
+        rows.append((path, i % 2))
+    report = evaluate(rows, model, "effusion")
+    assert report["model"] == ENS and report["n_scored"] == 4 and report["n_ingest_errors"] == 0
