@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None, *, analyzer: Analyzer | None = 
             queue=settings.inference_queue,
             batch_max_size=settings.batch_max_size,
             batch_max_wait_ms=settings.batch_max_wait_ms,
+            lone_batch_all_cores=settings.lone_batch_all_cores,
         )
         pool.observer = getattr(app.state, "metrics", None)
         app.state.inference = pool

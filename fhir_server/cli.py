@@ -128,7 +128,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from fhir_server.bench_http import XRV_DENSENET, run_http_bench
 
         settings = _settings(args)
-        models = args.models.split(",") if args.models else [settings.model, XRV_DENSENET]
+        sep = ";" if args.models and ";" in args.models else ","  # ';' when an ensemble name is listed
+        models = args.models.split(sep) if args.models else [settings.model, XRV_DENSENET]
+        if args.ensemble:  # latency / throughput per member count: 1, 2, ... members (issue 11)
+            members = args.ensemble.split(",")
+            models = [members[0], *(f"ensemble:{','.join(members[:k])}" for k in range(2, len(members) + 1))]
         extra_env = {"CXR_ENGINE": args.engine} if args.engine else {}
         return run_http_bench(settings, models=models, iterations=args.iterations, seconds=args.seconds,
                               data_dir=args.data, naive=not args.no_naive, extra_env=extra_env)
@@ -198,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--http", action="store_true",
                        help="over HTTP: the real server per model, latency, throughput at 1/4/8 clients, health "
                             "p99 under saturation, peak RSS, and the naive Flask baseline")
-    bench.add_argument("--models", help="--http: comma-separated registry names (default: CXR_MODEL and "
-                                        "xrv:densenet121-res224-all)")
+    bench.add_argument("--models", help="--http: comma-separated registry names, or ';'-separated when one is an "
+                                        "ensemble:a,b (default: CXR_MODEL and xrv:densenet121-res224-all)")
+    bench.add_argument("--ensemble", metavar="M1,M2,...",
+                       help="--http: bench M1 alone, then ensemble:M1,M2, ensemble:M1,M2,M3, ... (per member count)")
     bench.add_argument("--seconds", type=float, default=10.0, help="--http: duration of each throughput cell")
     bench.add_argument("--engine", choices=["torch", "onnx"], help="--http: CXR_ENGINE for our server")
     bench.add_argument("--soak", type=int, metavar="N",
@@ -232,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fhir_server.dicom.cli import add_subcommand as add_dicom
 
     add_dicom(sub)  # dicom echo / send (issue 12)
+    from fhir_server.cli_models import add_subcommand as add_models
+
+    add_models(sub)  # models list|pull|import|export-bundle|verify (issue 11)
     return parser
 
 

@@ -68,6 +68,13 @@ def resolve_workers(workers: int) -> int:
     return available_cores() if workers <= 0 else workers
 
 
+def _analyze_with_threads(analyzer: Analyzer, requests: list, threads: int | None) -> list:
+    from ml.engine import intra_op_threads
+
+    with intra_op_threads(threads):
+        return analyzer.analyze_many(requests)
+
+
 @dataclass
 class _Job:
     data: bytes
@@ -84,9 +91,13 @@ class InferencePool:
         queue: int | None = None,
         batch_max_size: int = 1,
         batch_max_wait_ms: float = 0.0,
+        lone_batch_all_cores: bool = False,
     ) -> None:
         self.workers = max(1, resolve_workers(workers))
         self.threads = torch_threads_per_worker(self.workers)
+        # a batch that starts while every other worker idles and nothing else waits runs its ONNX
+        # forward passes on every core (issue 11: single-request latency), others on cores // workers
+        self.lone_threads = min(available_cores(), self.threads * self.workers) if lone_batch_all_cores else None
         torch.set_num_threads(self.threads)
         self._executor = ThreadPoolExecutor(
             max_workers=self.workers, thread_name_prefix="cxr-infer", initializer=torch.set_num_threads,
@@ -200,8 +211,10 @@ class InferencePool:
                 share = math.ceil(len(self._pending[key]) / max(1, idle))
                 jobs = self._pending[key][: min(self.batch_max_size, share)]
                 del self._pending[key][: len(jobs)]
+                lone = idle == self.workers and not self._pending[key]  # no other batch runs or waits
+                threads = self.lone_threads if lone and self.lone_threads and self.lone_threads > self.threads else None
                 self._idle -= 1
-                task = loop.create_task(self._run_batch(analyzer, jobs, sem))
+                task = loop.create_task(self._run_batch(analyzer, jobs, sem, threads))
                 self._running.add(task)  # the loop keeps only weak references to tasks
                 task.add_done_callback(self._running.discard)
         finally:
@@ -209,12 +222,13 @@ class InferencePool:
             if not self._pending.get(key):
                 self._pending.pop(key, None)
 
-    async def _run_batch(self, analyzer: Analyzer, jobs: list[_Job], sem: asyncio.Semaphore) -> None:
+    async def _run_batch(self, analyzer: Analyzer, jobs: list[_Job], sem: asyncio.Semaphore,
+                         threads: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
             requests = [(j.data, j.heatmaps, j.filename) for j in jobs]
-            results = await loop.run_in_executor(self._executor, analyzer.analyze_many, requests)
+            results = await loop.run_in_executor(self._executor, _analyze_with_threads, analyzer, requests, threads)
         except BaseException as exc:  # noqa: BLE001 - the whole batch failed: every caller hears it
             results = [exc] * len(jobs)
         finally:

@@ -149,12 +149,45 @@ def build_device(model: ModelInfo) -> Json:
         "version": [
             {"type": {"text": "weights"}, "value": model.version},
             {"type": {"text": "software"}, "value": model.software_version},
+            *_weights_versions(model),
         ],
         "note": [{"text": n} for n in notes],
     }
     if model.model_card_url:
         data["url"] = model.model_card_url
     return _validated(Device, data)
+
+
+WEIGHTS_SHA256_SYSTEM = "http://cxr-fhir.org/fhir/identifier/model-weights-sha256"
+
+
+def _weights_versions(model: ModelInfo) -> list[Json]:
+    """Device.version entries naming the weights file(s) by sha256: the model's own, then each
+    ensemble member's (component = the member's model identifier)."""
+    out: list[Json] = []
+    if model.weights_sha256:
+        out.append({"type": {"text": "weights-sha256"}, "value": model.weights_sha256})
+    for member in model.members:
+        out.append({
+            "type": {"text": "ensemble member weights-sha256"},
+            "component": device_identifier(member),
+            "value": member.weights_sha256 or member.version,
+        })
+    return out
+
+
+def weights_entities(model: ModelInfo | None) -> list[Json]:
+    """Provenance.entity entries for the weights that produced a result (each member of an ensemble)."""
+    if model is None:
+        return []
+    out = []
+    for m in (model.members or (model,)):
+        if m.weights_sha256:
+            out.append({"role": "source", "what": {
+                "identifier": {"system": WEIGHTS_SHA256_SYSTEM, "value": m.weights_sha256},
+                "display": f"weights of {m.name} ({m.version})",
+            }})
+    return out
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -404,7 +437,8 @@ _ACTIVITY = {"CREATE": "create", "UPDATE": "revise"}
 
 
 def build_provenance(
-    targets: Sequence[str], inp: AnalysisInput, device_ref: str, recorded: datetime, *, activity: str = "CREATE"
+    targets: Sequence[str], inp: AnalysisInput, device_ref: str, recorded: datetime, *, activity: str = "CREATE",
+    model: ModelInfo | None = None,
 ) -> Json:
     """targets: references (ideally version-specific, "Observation/x/_history/2") written by this run."""
     data: Json = {
@@ -430,6 +464,6 @@ def build_provenance(
                 "who": {"reference": device_ref},
             }
         ],
-        "entity": [{"role": "source", "what": {"reference": inp.reference}}],
+        "entity": [{"role": "source", "what": {"reference": inp.reference}}, *weights_entities(model)],
     }
     return _validated(Provenance, data)

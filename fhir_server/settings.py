@@ -150,6 +150,15 @@ class Settings(BaseSettings):
     @property
     def signing_key_path(self) -> Path:
         return self.auth_signing_key_file or self.data_dir / "auth" / "signing-key.jwk"
+    # ---- models (issue 11)
+    models_base_url: str | None = Field(
+        None, description="Where `cxr models pull` fetches release files (a mirror); default: the catalog's "
+        "TorchXRayVision release URL",
+    )
+    lone_batch_all_cores: bool = Field(
+        True, description="A batch that starts while every other inference worker idles runs its ONNX forward "
+        "passes on all cores (single-request latency); concurrent batches use cores // workers each",
+    )
 
     @property
     def onnx_cache_dir(self) -> Path:

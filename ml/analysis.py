@@ -31,6 +31,11 @@ class ModelInfo:
     software_version: str
     untrained: bool = False  # True only for the loud placeholder model
     model_card_url: str | None = None
+    # sha256 of the weights file as released (TorchXRayVision: the release pickle, from the installed
+    # manifest; bundled: its safetensors); published in the FHIR Device and every Provenance.
+    weights_sha256: str | None = None
+    # an ensemble's members, in order (empty for a single model)
+    members: tuple[ModelInfo, ...] = ()
 
 
 @dataclass(frozen=True)

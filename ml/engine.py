@@ -23,6 +23,8 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +116,22 @@ def _np(weight: torch.Tensor) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- engines
 
+_CALL = threading.local()
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Within this block, in this thread, ONNX Runtime runs with `threads` intra-op threads (None: the
+    worker's share, torch.get_num_threads()). The inference pool widens a batch to every core when no
+    other batch is running, so a lone request is not held to one core while the other idles."""
+    previous = getattr(_CALL, "threads", None)
+    _CALL.threads = threads
+    try:
+        yield
+    finally:
+        _CALL.threads = previous
+
+
 
 class TorchEngine:
     """Eager torch; the Analyzer runs it under CamCapture so Grad-CAM can follow."""
@@ -197,18 +215,22 @@ class OnnxEngine:
         self._sessions: list[object] = []
 
     def _session(self):
-        session = getattr(self._local, "session", None)
+        threads = getattr(_CALL, "threads", None) or max(1, torch.get_num_threads())
+        sessions = getattr(self._local, "sessions", None)
+        if sessions is None:
+            sessions = self._local.sessions = {}
+        session = sessions.get(threads)  # one per (worker thread, intra-op thread count)
         if session is None:
             ort = self._ort
             options = ort.SessionOptions()
-            options.intra_op_num_threads = max(1, torch.get_num_threads())
+            options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             # Spinning threads steal the CPU from the other workers and from decoding on a small box.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(self._path, options, providers=["CPUExecutionProvider"])
-            self._local.session = session
+            sessions[threads] = session
             self._sessions.append(session)
         return session
 

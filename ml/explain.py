@@ -104,16 +104,24 @@ def cam_regions(
     if peak <= 0.0:
         return []
     mask = cam >= level * peak
-    labelled, count = ndimage.label(mask)
+    # Label only the bounding box of the mask: every component lies inside it, 4-connectivity does
+    # not see the crop, and raster order (hence label numbers and the stable tie-break) is kept.
+    rows_any, cols_any = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows_any.size == 0:
+        return []
+    r0, c0 = int(rows_any[0]), int(cols_any[0])
+    labelled, count = ndimage.label(mask[r0 : int(rows_any[-1]) + 1, c0 : int(cols_any[-1]) + 1])
     if count == 0:
         return []
-    areas = ndimage.sum_labels(mask, labelled, index=np.arange(1, count + 1))
+    # pixel count per component: the same integers ndimage.sum_labels(mask, labelled, 1..count) gives,
+    # in one pass (sum_labels cost ~2 ms per finding on noisy maps with many small components)
+    areas = np.bincount(labelled.ravel(), minlength=count + 1)[1:]
     boxes = ndimage.find_objects(labelled)
     order = np.argsort(-areas, kind="stable")[:max_regions]
     out = []
     for idx in order:
         rows, cols = boxes[idx]
-        out.append(transform.box_to_original((cols.start, rows.start, cols.stop, rows.stop)))
+        out.append(transform.box_to_original((cols.start + c0, rows.start + r0, cols.stop + c0, rows.stop + r0)))
     return out
 
 

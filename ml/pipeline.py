@@ -95,8 +95,14 @@ class Analyzer:
         # Frozen parameters: autograd then records only what follows the cam layer (explain.py).
         for param in model.network.parameters():
             param.requires_grad_(False)
-        self._engine = build_engine(model, engine, cache_dir=engine_cache_dir, precision=precision)
-        self._cam_head = linear_cam_head(model) if isinstance(self._engine, OnnxEngine) else None
+        if model.members and engine == "onnx":  # an ensemble: one ONNX session per member (issue 11)
+            from ml.engine_ensemble import EnsembleCamHead, EnsembleEngine
+
+            self._engine = EnsembleEngine(model, cache_dir=engine_cache_dir, precision=precision)
+            self._cam_head = EnsembleCamHead(self._engine)
+        else:
+            self._engine = build_engine(model, engine, cache_dir=engine_cache_dir, precision=precision)
+            self._cam_head = linear_cam_head(model) if isinstance(self._engine, OnnxEngine) else None
         # The model's own gate can reuse the forward pass when it scores the pooled cam-layer
         # features (the bundled gate does): pooled = mean of the exported feature map.
         self._shared_gate = (

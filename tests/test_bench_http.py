@@ -36,9 +36,12 @@ def test_fixture_is_served_by_onnx_runtime_not_a_torch_fallback(fixture_weights,
     assert isinstance(eng.build_engine(model, "onnx", cache_dir=tmp_path), eng.OnnxEngine)
 
 
-def test_existing_weights_are_used_not_replaced(fixture_weights, tmp_path):
+def test_existing_weights_are_used_not_replaced_and_given_to_the_naive_side(fixture_weights, tmp_path):
+    from ml.weights.catalog import load_catalog
+
     folder, is_fixture = bench_http.xrv_weights_dir(fixture_weights, tmp_path)
-    assert folder == fixture_weights and not is_fixture
+    assert folder == fixture_weights and is_fixture  # installed fixture weights stay what they are
+    assert (tmp_path / "xrv-weights" / load_catalog().get(bench_http.XRV_DENSENET).file).is_file()
 
 
 def test_naive_baseline_answers_a_png(fixture_weights):
@@ -74,3 +77,15 @@ def test_ratio_table(capsys):
     bench_http.print_results([ours], naive)
     out = capsys.readouterr().out
     assert "1 clients x2.00" in out and "4 clients x4.00" in out and "8 clients x3.00" in out
+
+
+def test_ensemble_members_get_fixtures_so_each_member_count_can_be_benched(tmp_path):
+    from ml.models.registry import load_model
+
+    folder, is_fixture = bench_http.xrv_weights_dir(tmp_path / "none", tmp_path)
+    assert is_fixture
+    installed = bench_http.fixture_members(
+        ["xrv:densenet121-res224-all", "ensemble:xrv:densenet121-res224-all,xrv:densenet121-res224-chex"], folder)
+    assert installed == ["xrv:densenet121-res224-chex"]
+    model = load_model("ensemble:xrv:densenet121-res224-all,xrv:densenet121-res224-chex", weights_dir=folder)
+    assert len(model.members) == 2

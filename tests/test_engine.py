@@ -36,7 +36,10 @@ def xrv_weights(tmp_path_factory) -> Path:
         mean_logit = net.classifier(net.features2(torch.from_numpy(eng.check_images(224, 4)))).mean(0)
         op_threshs = torch.tensor(xrv.models.model_urls["densenet121-res224-all"]["op_threshs"])
         net.classifier.bias.add_(torch.logit(op_threshs) - mean_logit)
-    torch.save(net, folder / ALL_FILE)
+    from ml.weights.store import install_fixture
+
+    install_fixture("densenet121-res224-all", net.state_dict(), folder)  # what the server loads
+    torch.save(net, folder / ALL_FILE)  # the same weights for torchxrayvision's own loader (the reference)
     return folder / ALL_FILE
 
 

@@ -101,3 +101,36 @@ def test_concurrent_calls_do_not_mix_activations():
         got = {f.label: f.regions for f in analysis.findings}
         want = {f.label: f.regions for f in expected[key].findings}
         assert got == want
+
+
+def _regions_reference(cam, transform, level=0.5, max_regions=3):
+    """cam_regions as it was before the bincount speed-up (ndimage.sum_labels): the answers must not move."""
+    from scipy import ndimage
+
+    peak = float(cam.max())
+    if peak <= 0.0:
+        return []
+    mask = cam >= level * peak
+    labelled, count = ndimage.label(mask)
+    if count == 0:
+        return []
+    areas = ndimage.sum_labels(mask, labelled, index=np.arange(1, count + 1))
+    boxes = ndimage.find_objects(labelled)
+    order = np.argsort(-areas, kind="stable")[:max_regions]
+    return [transform.box_to_original((boxes[i][1].start, boxes[i][0].start, boxes[i][1].stop, boxes[i][0].stop))
+            for i in order]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_regions_are_unchanged_by_the_faster_area_count_and_crop(seed):
+    rng = np.random.default_rng(seed)
+    small = rng.random((7, 7)).astype(np.float32) ** (1 + seed % 4)  # smooth maps and many-component ones
+    cam = np.asarray(Image.fromarray(small, mode="F").resize((224, 224), Image.Resampling.BILINEAR))
+    if seed % 2:
+        cam = cam + 0.3 * rng.random((224, 224)).astype(np.float32)  # noisy: many small components
+    if seed % 5 == 0:  # equal-area components: the tie-break (raster order) must survive the crop
+        cam = np.zeros((224, 224), np.float32)
+        for y, x in rng.integers(20, 200, size=(4, 2)):
+            cam[y : y + 5, x : x + 5] = 1.0
+    transform = Transform(x0=10 * seed, y0=3, crop=900, size=224)
+    assert cam_regions(cam, transform) == _regions_reference(cam, transform)

@@ -27,13 +27,15 @@ def no_download(monkeypatch):
 
 @pytest.fixture(scope="module")
 def xrv_weights_dir(tmp_path_factory):
-    """A random-weight xrv DenseNet saved exactly as torchxrayvision loads it (a whole pickled model)."""
+    """A random-weight xrv DenseNet installed as `cxr models pull` installs weights (safetensors + manifest)."""
     import torchxrayvision as xrv
+
+    from ml.weights.store import install_fixture
 
     torch.manual_seed(0)
     model = xrv.models.DenseNet(weights=None).eval()  # 18 outputs, like the released weights
     folder = tmp_path_factory.mktemp("weights")
-    torch.save(model, folder / ALL_FILE)
+    install_fixture("densenet121-res224-all", model.state_dict(), folder)
     return folder, model
 
 
@@ -57,29 +59,40 @@ def test_label_names_snake_case(xrv_name, snake):
     assert snake_label(xrv_name) == snake
 
 
-def test_missing_weights_fail_fast_naming_file_dir_and_url(tmp_path, no_download):
+def test_missing_weights_fail_fast_naming_the_pull_command_and_dir(tmp_path, no_download):
     target = tmp_path / "weights-here"
     start = time.perf_counter()
     with pytest.raises(ModelUnavailable) as err:
         registry.load_model(ALL, weights_dir=target)
     assert time.perf_counter() - start < 5
     message = err.value.message
-    assert ALL_FILE in message and str(target) in message and "https://github.com/mlmed" in message
+    assert "cxr models pull densenet121-res224-all" in message and str(target) in message
     assert not target.exists()  # nothing created, no 0-byte leftovers
     assert list(tmp_path.iterdir()) == []
 
 
-def test_empty_weights_file_refused(tmp_path, no_download):
-    (tmp_path / ALL_FILE).write_bytes(b"")
-    with pytest.raises(ModelUnavailable, match="empty"):
-        registry.load_model(ALL, weights_dir=tmp_path)
-
-
-def test_corrupt_weights_file_refused_with_path(tmp_path, no_download):
-    (tmp_path / ALL_FILE).write_bytes(b"this is not a torch file")
+def test_a_release_pickle_alone_is_never_unpickled_at_load(tmp_path, no_download, monkeypatch):
+    """A release file dropped in the folder (the old way) is not read by the server: it says how to import it."""
+    (tmp_path / ALL_FILE).write_bytes(b"whatever is in here is never unpickled")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called at serve time"))
     with pytest.raises(ModelUnavailable) as err:
         registry.load_model(ALL, weights_dir=tmp_path)
-    assert ALL_FILE in err.value.message
+    assert f"cxr models import {tmp_path / ALL_FILE}" in err.value.message
+
+
+def test_corrupted_installed_weights_refused_with_what_to_do(xrv_weights_dir, tmp_path, no_download):
+    import shutil
+
+    folder, _ = xrv_weights_dir
+    copy = tmp_path / "w"
+    shutil.copytree(folder, copy)
+    st = copy / "densenet121-res224-all.safetensors"
+    data = bytearray(st.read_bytes())
+    data[-10] ^= 0xFF
+    st.write_bytes(bytes(data))
+    with pytest.raises(ModelUnavailable) as err:
+        registry.load_model(ALL, weights_dir=copy)
+    assert "cxr models verify" in err.value.message and "sha256" in err.value.message
 
 
 def test_loads_local_xrv_densenet_through_torchxrayvision(xrv_weights_dir, no_download):
@@ -92,6 +105,7 @@ def test_loads_local_xrv_densenet_through_torchxrayvision(xrv_weights_dir, no_do
     assert loaded.input_size == 224
     assert loaded.cam_layer is loaded.network.model.features.norm5
     assert loaded.info.name == ALL and "sha256:" in loaded.info.version and not loaded.info.untrained
+    assert loaded.info.weights_sha256 and loaded.info.version.endswith(loaded.info.weights_sha256[:12])
     x = torch.rand(2, 1, 224, 224) * 2048 - 1024
     with torch.no_grad():
         out = loaded.network(x)
@@ -106,9 +120,10 @@ def test_loads_local_xrv_densenet_through_torchxrayvision(xrv_weights_dir, no_do
 
 
 def test_partial_label_model_drops_empty_outputs(xrv_weights_dir, no_download, tmp_path):
+    from ml.weights.store import install_fixture
+
     _, reference = xrv_weights_dir
-    filename, _ = weights_file("xrv:densenet121-res224-chex")
-    torch.save(reference, tmp_path / filename)
+    install_fixture("densenet121-res224-chex", reference.state_dict(), tmp_path)
     loaded = registry.load_model("xrv:densenet121-res224-chex", weights_dir=tmp_path)
     assert "" not in loaded.labels and len(loaded.labels) == 11
     assert "infiltration" not in loaded.labels and "lung_opacity" in loaded.labels

@@ -331,6 +331,7 @@ def _write_results(
                 device.reference,
                 max(img.analysis.created for img in images),
                 activity="CREATE" if report.created else "UPDATE",
+                model=images[0].analysis.model,
             )
         )
         ordered = [*written, device, provenance]

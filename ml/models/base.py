@@ -33,3 +33,5 @@ class LoadedModel:
     ood_gate: OODGate | None = None
     # the population the model was validated on (ml.population.PEDIATRIC / ADULT); None: not checked
     validated_population: str | None = None
+    # an ensemble's members (ml/models/ensemble.py); empty for a single model
+    members: tuple[LoadedModel, ...] = ()

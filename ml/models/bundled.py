@@ -221,6 +221,7 @@ def load_bundled(name: str = BUNDLED_NAME, *, weights_dir: Path | None = None) -
     info = ModelInfo(
         name=BUNDLED_NAME,
         version=manifest["sha256"][:12],
+        weights_sha256=manifest["sha256"],
         software_version=package_version(default="0.0.0+unknown"),
         untrained=False,
         model_card_url=MODEL_CARD_URL,

@@ -40,6 +40,10 @@ def available_models() -> tuple[str, ...]:
 
 def load_model(name: str, *, weights_dir: Path) -> LoadedModel:
     """Load a model by registry name. Raises ModelUnavailable with an actionable message."""
+    if name.startswith("ensemble:"):  # ensemble:<name>,<name>,... of any names below (issue 11)
+        from ml.models.ensemble import load_ensemble
+
+        return load_ensemble(name, weights_dir=Path(weights_dir), load_member=load_model)
     if name == BUNDLED:
         try:
             from ml.models.bundled import load_bundled
@@ -57,4 +61,7 @@ def load_model(name: str, *, weights_dir: Path) -> LoadedModel:
         from ml.models.untrained import load_untrained
 
         return load_untrained(name)
-    raise ModelUnavailable(f"Unknown model {name!r}. Known models: {', '.join(available_models())}")
+    raise ModelUnavailable(
+        f"Unknown model {name!r}. Known models: {', '.join(available_models())}, "
+        "and ensemble:<name>,<name>,... of them"
+    )

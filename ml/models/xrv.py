@@ -1,16 +1,11 @@
 """TorchXRayVision models, loaded through torchxrayvision's own classes from a local weights directory.
 
-Weights are never downloaded at run time (a hospital server is offline, and torchxrayvision's
-downloader would hang or leave a 0-byte file behind). We compute the file name exactly as
-`torchxrayvision.models.get_weights` does (basename of the release URL), check that it exists in
-`weights_dir` *before* constructing the model, and otherwise raise ModelUnavailable naming the file,
-the directory and the URL to fetch it from. Only then is `xrv.models.DenseNet(weights=..., cache_dir=
-weights_dir)` called, which finds the file and does not touch the network.
-
-File formats (from torchxrayvision 1.x models.py): DenseNet weights are a whole pickled model
-(`torch.load(..., weights_only=False)` then `.state_dict()`); ResNet weights are a state dict of the
-torchvision ResNet inside. Both use pickle, so the weights directory must be trusted: it is an
-operator-controlled path, never user input.
+Weights are never downloaded at run time and no pickle is read here: `cxr models pull` / `import`
+(ml/weights/) check the release file's size and sha256 against the catalog, read it once with
+torch.load(weights_only=True) and install safetensors + a manifest in the weights directory. This
+module loads those safetensors (after checking their sha256 against the manifest) into
+torchxrayvision's own model classes, or raises ModelUnavailable naming the command to run.
+The release file's sha256 becomes ModelInfo.weights_sha256 (FHIR Device version, Provenance).
 
 Outputs and thresholds: torchxrayvision applies `op_norm` with each model's calibrated operating
 points (`op_threshs`) after the sigmoid. op_norm maps [0, t] linearly onto [0, 0.5] and [t, 1] onto
@@ -22,7 +17,8 @@ Lesion / Enlarged Cardiomediastinum of resnet50-res512-all.
 
 from __future__ import annotations
 
-import hashlib
+from ml.population import ADULT
+
 import math
 import os
 from pathlib import Path
@@ -67,35 +63,37 @@ def _xrv():
 
 
 def weights_file(name: str) -> tuple[str, str]:
-    """(file name torchxrayvision expects, URL it is published at) for a registry name."""
+    """(release file name, URL it is published at) for a registry name."""
     key = XRV_MODELS[name]
     url = _xrv().models.model_urls[key]["weights_url"]
-    return os.path.basename(url), url  # exactly how xrv.models.get_weights names the local file
+    return os.path.basename(url), url
 
 
-def _require_weights(name: str, weights_dir: Path) -> Path:
-    filename, url = weights_file(name)
-    path = Path(weights_dir).expanduser() / filename
-    if not path.is_file():
-        raise ModelUnavailable(
-            f"Weights for model {name!r} not found: expected file {filename!r} in directory "
-            f"{str(path.parent)!r}. Download it from {url} and put it there (or set CXR_WEIGHTS_DIR); "
-            "weights are never downloaded at run time."
+def _load_installed(name: str, weights_dir: Path):
+    """(network, manifest) from the installed safetensors; ModelUnavailable with the command to run."""
+    from ml.weights.catalog import load_catalog
+    from ml.weights.store import WeightsRejected, load_installed
+
+    entry = load_catalog().get(name)
+    folder = Path(weights_dir).expanduser()
+    try:
+        return load_installed(entry, folder)
+    except FileNotFoundError:
+        legacy = folder / entry.file
+        hint = (
+            f" A release pickle {entry.file!r} is there: convert it once with `cxr models import {legacy}`."
+            if legacy.is_file() else ""
         )
-    if path.stat().st_size == 0:
         raise ModelUnavailable(
-            f"Weights file {str(path)!r} for model {name!r} is empty (an interrupted download?). "
-            f"Replace it with the file from {url}."
-        )
-    return path
-
-
-def _sha256_prefix(path: Path, n: int = 12) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:n]
+            f"Weights for model {name!r} are not installed in {str(folder)!r}. Run `cxr models pull {entry.name}` "
+            f"(offline: `cxr models import FILE|BUNDLE`), or set CXR_WEIGHTS_DIR; weights are never downloaded "
+            f"at run time.{hint}"
+        ) from None
+    except (WeightsRejected, OSError, ValueError) as exc:
+        raise ModelUnavailable(
+            f"Installed weights for model {name!r} in {str(folder)!r} failed their check: {exc}. "
+            f"Run `cxr models verify`, then `cxr models pull {entry.name}` again."
+        ) from exc
 
 
 class _SelectOutputs(nn.Module):
@@ -135,22 +133,12 @@ def op_norm(probs: torch.Tensor, op_threshs: torch.Tensor) -> torch.Tensor:
 def load_xrv(name: str, *, weights_dir: Path) -> LoadedModel:
     if name not in XRV_MODELS:
         raise ModelUnavailable(f"Unknown TorchXRayVision model {name!r}; known: {sorted(XRV_MODELS)}")
-    path = _require_weights(name, weights_dir)  # before any xrv code can try to download
+    model, manifest = _load_installed(name, weights_dir)  # safetensors only: no pickle at serve time
     xrv = _xrv()
     key = XRV_MODELS[name]
-    try:
-        if key.startswith("resnet"):
-            model = xrv.models.ResNet(weights=key, cache_dir=str(path.parent))
-            cam_layer = model.model.layer4
-        else:
-            model = xrv.models.DenseNet(weights=key, cache_dir=str(path.parent))
-            # norm5 is the last op of the last dense block's output; its (ReLU'd) activations are
-            # what the global pooling and classifier see, so it is the Grad-CAM layer.
-            cam_layer = model.features.norm5
-    except Exception as exc:  # corrupt/foreign pickle, wrong architecture: say which file
-        raise ModelUnavailable(
-            f"Could not load weights file {str(path)!r} for model {name!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+    # DenseNet: norm5 is the last op of the last dense block's output; its (ReLU'd) activations are
+    # what the global pooling and classifier see, so it is the Grad-CAM layer.
+    cam_layer = model.model.layer4 if key.startswith("resnet") else model.features.norm5
     model.eval()
     # Our preprocessing guarantees the [-1024, 1024] range; skip xrv's one-time stdout range warning.
     xrv.utils.warning_log["norm_check"] = True
@@ -166,7 +154,8 @@ def load_xrv(name: str, *, weights_dir: Path) -> LoadedModel:
     displays = tuple(display_label(spec["labels"][i]) for i in keep)
     info = ModelInfo(
         name=name,
-        version=f"{key}-sha256:{_sha256_prefix(path)}",
+        version=f"{key}-sha256:{manifest.sha256[:12]}",
+        weights_sha256=manifest.sha256,
         software_version=f"{software_version()}; torchxrayvision {xrv.__version__}",
         model_card_url=MODEL_CARD_URL,
     )
@@ -178,4 +167,7 @@ def load_xrv(name: str, *, weights_dir: Path) -> LoadedModel:
         input_size=int(spec.get("input_resolution", 224)),
         network=_SelectOutputs(model, keep).eval(),
         cam_layer=cam_layer,
+        # TorchXRayVision's weights were trained and evaluated on adult datasets (NIH, CheXpert,
+        # MIMIC, PadChest, ...): a child's film is flagged, never triaged urgent
+        validated_population=ADULT,
     )
