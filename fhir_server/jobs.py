@@ -186,8 +186,10 @@ async def submit(request: Request, req: operations.AnalyzeRequest) -> Response:
     """Create the Task, start the job, answer 202. `req` is already validated."""
     from fhir_server.storage import new_id
 
+    from fhir_server.fhir.common import get_store
+
     app = request.app
-    repo: Repository = app.state.store
+    repo: Repository = get_store(request)  # bound to the request's audit trail: the Task and its AuditEvent commit together
     job_id = new_id()
     await run_in_threadpool(repo.create, build_task(job_id, req), resource_id=job_id)
     job = Job(job_id, req.base)

@@ -204,14 +204,15 @@ AfterWrite = Callable[[Transaction, "AnalyzeOutcome"], None]
 
 async def run_analysis(
     app: Any, req: AnalyzeRequest, *, progress: Progress | None = None, after_write: AfterWrite | None = None,
-    wait_when_busy: bool = False,
+    wait_when_busy: bool = False, repo: Repository | None = None,
 ) -> AnalyzeOutcome:
     """Fetch pixels, analyse, write every output in one transaction, return the result Bundle.
     `after_write(tx, outcome)` runs inside that same transaction (the async Task update).
     `wait_when_busy`: an accepted async job waits for room in the inference queue (as Retry-After
-    says) instead of failing with 503; a synchronous request gets the 503 and retries itself."""
+    says) instead of failing with 503; a synchronous request gets the 503 and retries itself.
+    `repo`: the store to use (a request's, bound to its audit trail); default app.state.store."""
     settings = app.state.settings
-    repo: Repository = app.state.store
+    repo = repo or app.state.store
     analyzer = require_analyzer(app.state)
     note = progress or (lambda _msg: None)
     # fetch_policy_overrides: a seam for tests (a fake DNS resolver); unset in production
@@ -356,7 +357,7 @@ async def _analyze(request: Request, resource_type: str, resource_id: str | None
             from fhir_server import jobs
 
             return await jobs.submit(request, req)
-        outcome = await run_analysis(request.app, req)
+        outcome = await run_analysis(request.app, req, repo=get_store(request))
         return fhir_json_response(request, outcome.bundle, status_code=outcome.status_code, headers=outcome.headers)
     except Exception as exc:
         mapped = error_outcome(exc)

@@ -21,7 +21,12 @@ SUPPORTED_TYPES: tuple[str, ...] = (
     "Binary",
     "Task",
     "OperationDefinition",
+    "AuditEvent",
 )
+
+# Types the REST API may read and search but never write: AuditEvents are appended by the server
+# itself (fhir_server.audit, Transaction.append) and are immutable (issue 10).
+READ_ONLY_TYPES: frozenset[str] = frozenset({"AuditEvent"})
 
 SP_BASE = "http://hl7.org/fhir/SearchParameter/"
 
@@ -146,6 +151,26 @@ _PARAMS: dict[str, list[SearchParam]] = {
         _sp("status", "token", "status", "conformance-status", "The current status of the operation definition"),
     ],
 }
+
+_PARAMS["AuditEvent"] = [
+    _sp("date", "date", "recorded", "AuditEvent-date", "Time when the event was recorded"),
+    # agent.who carries the OAuth client id as an Identifier (clients are not FHIR resources), so
+    # `agent` is a token here (agent=client-id or agent=urn:cxr-fhir:client-id|client-id).
+    _sp("agent", "token", "agent.who.identifier", "AuditEvent-agent", "The client id of the requesting agent (token on agent.who.identifier, not a reference)"),
+    _sp("altid", "token", "agent.altId", "AuditEvent-altid", "Alternative User identity (the client id)"),
+    _sp("agent-name", "string", "agent.name", "AuditEvent-agent-name", "Human friendly name for the agent"),
+    _sp("address", "string", "agent.network.address", "AuditEvent-address", "Identifier for the network access point of the user device"),
+    _sp("entity", "reference", "entity.what", "AuditEvent-entity", "Specific instance of resource (the resource touched)"),
+    _sp("patient", "reference", "entity.what", "AuditEvent-patient", "The patient whose data was touched", ("Patient",)),
+    _sp("type", "token", "type", "AuditEvent-type", "Type/identifier of event (rest)"),
+    _sp("subtype", "token", "subtype", "AuditEvent-subtype", "More specific type/id for the event (the FHIR interaction)"),
+    _sp("action", "token", "action", "AuditEvent-action", "Type of action performed during the event (C R U D E)"),
+    _sp("outcome", "token", "outcome", "AuditEvent-outcome", "Whether the event succeeded or failed (0 4 8 12)"),
+    _sp("source", "reference", "source.observer", "AuditEvent-source", "The identity of source detecting the event"),
+    _sp("site", "token", "source.site", "AuditEvent-site", "Logical source location within the enterprise"),
+    _sp("entity-role", "token", "entity.role", "AuditEvent-entity-role", "What role the entity played"),
+    _sp("entity-type", "token", "entity.type", "AuditEvent-entity-type", "Type of entity involved"),
+]
 
 SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
     rtype: {p.name: p for p in params} for rtype, params in _PARAMS.items()
