@@ -33,7 +33,7 @@ from .common import base_url, error_from_storage, get_store, new_bundle, parse_p
 from .crud import check_type, max_body
 from .exceptions import FhirError
 from .history import history_entry
-from .negotiation import body_media_type, fhir_json_response, parse_json_body, read_body
+from .negotiation import body_media_type, fhir_json_response, parse_json_body, shape_limits, read_body
 from .search import parse_query, searchset
 from .subsetting import subset_from_params
 from .validation import required_code_issues, validate_resource
@@ -425,7 +425,7 @@ def _audit_refused_entries(request: Request, errors: list[dict[str, Any] | None]
 
 async def transaction_or_batch(request: Request) -> Response:
     raw = await read_body(request, max_bytes=max_body(request))
-    bundle = parse_json_body(raw, body_media_type(request))
+    bundle = parse_json_body(raw, body_media_type(request), shape_limits(request))
     if bundle.get("resourceType") != "Bundle":
         raise FhirError(400, f"POST [base] takes a Bundle, not {bundle.get('resourceType')!r}", code="invalid", expression=["resourceType"])
     issues = required_code_issues({k: v for k, v in bundle.items() if k in ("resourceType", "type")}, "Bundle")

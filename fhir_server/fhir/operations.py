@@ -44,7 +44,7 @@ from ml.errors import CXRError, InputError
 
 from .common import base_url, get_store, parse_prefer, resource_headers
 from .exceptions import FhirError
-from .negotiation import body_media_type, check_format, fhir_json_response, parse_json_body, read_body
+from .negotiation import body_media_type, check_format, fhir_json_response, parse_json_body, shape_limits, read_body
 from .validation import validate_resource
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ async def _json_body(request: Request) -> Json | None:
     raw = await read_body(request, max_bytes=limit)
     if not raw.strip():
         return None
-    body = parse_json_body(raw, body_media_type(request))
+    body = parse_json_body(raw, body_media_type(request), shape_limits(request))
     if not isinstance(body.get("resourceType"), str):
         raise FhirError(
             400, "Body must be a FHIR resource (Parameters) with a resourceType", code="required",

@@ -19,6 +19,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
+from fhir_server import fhirjson
+
 from .engine import WRITE_OPTION, create_tables, make_engine
 from .errors import (
     InvalidResource,
@@ -174,7 +176,7 @@ def _stored(row, *, created: bool = False) -> StoredResource:
         last_updated=row.last_updated,
         deleted=row.deleted,
         method=row.method,
-        resource=json.loads(row.content) if row.content is not None else None,
+        resource=fhirjson.loads(row.content) if row.content is not None else None,
         created=created,
     )
 
@@ -400,7 +402,7 @@ class Transaction:
         content = None
         if resource is not None:
             resource = _with_meta(resource, resource_id, version_id, now)
-            content = json.dumps(resource, separators=(",", ":"), ensure_ascii=False)
+            content = fhirjson.dumps(resource)  # decimals keep their text (R4 precision)
         try:
             self.session.execute(
                 insert(RV).values(
@@ -425,7 +427,7 @@ class Transaction:
             resource_type, resource_id, version_id, now, resource is None, method, resource, created=method == "create"
         )
         if self.hooks is not None:
-            self.hooks.touched(stored, json.loads(previous.content) if previous is not None and previous.content else None)
+            self.hooks.touched(stored, fhirjson.loads(previous.content) if previous is not None and previous.content else None)
         return stored
 
     def append(self, resource: dict[str, Any]) -> StoredResource:
@@ -439,7 +441,7 @@ class Transaction:
         self.session.execute(
             insert(RV).values(
                 resource_type=resource_type, resource_id=rid, version_id=1, last_updated=now, deleted=False,
-                is_current=True, method="create", content=json.dumps(body, separators=(",", ":"), ensure_ascii=False),
+                is_current=True, method="create", content=fhirjson.dumps(body),
             )
         )
         rows = [r.model_dump(exclude={"pk"}) for r in index_rows(resource_type, rid, body)]
