@@ -15,6 +15,8 @@ import pytest
 from fhir_examples import examples
 from fhir_support import client, outcome_of, repo  # noqa: F401  (sqlite/postgres fixtures)
 
+pytestmark = pytest.mark.fuzz
+
 SEED = 20261204
 MUTANTS = 288
 
@@ -187,3 +189,33 @@ def test_coerced_primitives_are_refused(client):
         _set(body, element, value)
         response = _send(client, "POST", f"/fhir/{rtype}", body)
         assert response.status_code == 400, (rtype, element, response.text)
+
+
+
+
+def test_hypothesis_bodies_never_get_a_5xx(client):
+    """Hypothesis-generated JSON (any type, nested) planted at any element of any example; plus
+    whole bodies of arbitrary JSON with a resourceType. Derandomized: the same cases every run."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+    values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=12)
+    types = sorted(examples())
+
+    @settings(max_examples=150, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def run(data):
+        rtype = data.draw(st.sampled_from(types))
+        body = examples()[rtype]
+        if data.draw(st.booleans()):
+            paths = [p for p in _paths(body) if p and p[0] != "resourceType"]
+            _set(body, data.draw(st.sampled_from(paths)), data.draw(values))
+        else:
+            body = {"resourceType": rtype, **data.draw(st.dictionaries(st.sampled_from(sorted({p[0] for p in _paths(body) if p})), values, max_size=4))}
+        response = _send(client, "POST", f"/fhir/{rtype}", body)
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            outcome_of(response)
+
+    run()
