@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -420,7 +419,7 @@ class Transaction:
             raise VersionConflict(f"{resource_type}/{resource_id} was changed by another request; retry") from exc
         self.session.execute(delete(SI).where(SI.resource_type == resource_type, SI.resource_id == resource_id))
         if resource is not None:
-            rows = [r.model_dump(exclude={"pk"}) for r in index_rows(resource_type, resource_id, resource)]
+            rows = index_rows(resource_type, resource_id, resource)
             if rows:
                 self.session.execute(insert(SI), rows)
         stored = StoredResource(
@@ -444,7 +443,7 @@ class Transaction:
                 is_current=True, method="create", content=fhirjson.dumps(body),
             )
         )
-        rows = [r.model_dump(exclude={"pk"}) for r in index_rows(resource_type, rid, body)]
+        rows = index_rows(resource_type, rid, body)
         if rows:
             self.session.execute(insert(SI), rows)
         return StoredResource(resource_type, rid, 1, now, False, "create", body, created=True)
