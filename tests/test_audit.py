@@ -274,3 +274,17 @@ def test_analyze_and_legacy_predict_are_audited(tmp_path):
         legacy = _operation_events(client)[2:]
         assert [(e["outcome"], _subtype(e)) for e in legacy] == [("0", "operation"), ("4", "operation")]
         assert all(d["valueString"].startswith("predict") for e in legacy for x in e["entity"] for d in x.get("detail", []))
+
+
+def test_unauditable_legacy_prediction_is_a_legacy_503(tmp_path, monkeypatch):
+    from analyze_support import make_client
+    from model_fixtures import png_bytes, quadrant_pixels
+
+    from fhir_server.storage.repository import Transaction
+
+    with make_client(tmp_path) as client:
+        monkeypatch.setattr(Transaction, "append", lambda self, resource: (_ for _ in ()).throw(RuntimeError("down")))
+        response = client.post("/api/v1/predict", files={"image": ("x.png", png_bytes(quadrant_pixels(96, 96)), "image/png")})
+        assert response.status_code == 503 and response.headers["retry-after"]
+        assert response.json()["status"] == "error" and response.json()["error"]["code"] == "audit_unavailable"
+        assert "prediction" not in response.text

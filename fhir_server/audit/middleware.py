@@ -18,10 +18,19 @@ from .trail import AuditTrail
 
 log = logging.getLogger(__name__)
 
-_UNAVAILABLE = json.dumps({
+_WITHHELD = "The audit trail could not be written; the request's answer is withheld. Retry shortly."
+_UNAVAILABLE_FHIR = json.dumps({
     "resourceType": "OperationOutcome",
-    "issue": [{"severity": "error", "code": "transient", "diagnostics": "The audit trail could not be written; the request's answer is withheld. Retry shortly."}],
+    "issue": [{"severity": "error", "code": "transient", "diagnostics": _WITHHELD}],
 }).encode("utf-8")
+# the legacy API answers its own error shape (README: Legacy API)
+_UNAVAILABLE_LEGACY = json.dumps({"status": "error", "error": {"code": "audit_unavailable", "message": _WITHHELD}}).encode("utf-8")
+
+
+def _unavailable(path: str) -> tuple[bytes, bytes]:
+    if path.startswith("/fhir"):
+        return _UNAVAILABLE_FHIR, b"application/fhir+json; charset=utf-8"
+    return _UNAVAILABLE_LEGACY, b"application/json"
 
 
 def _server_base(scope: Scope) -> str:
@@ -55,10 +64,10 @@ class AuditMiddleware:
             if message["type"] == "http.response.start":
                 if not await self._finish(scope, trail, message["status"]):
                     failed = True
+                    body, media = _unavailable(scope["path"])
                     await send({"type": "http.response.start", "status": 503, "headers": [
-                        (b"content-type", b"application/fhir+json; charset=utf-8"), (b"retry-after", b"5"),
-                        (b"content-length", str(len(_UNAVAILABLE)).encode())]})
-                    await send({"type": "http.response.body", "body": _UNAVAILABLE})
+                        (b"content-type", media), (b"retry-after", b"5"), (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
                     return
             elif failed:
                 return  # the withheld answer's body
