@@ -194,13 +194,15 @@ async def submit(request: Request, req: operations.AnalyzeRequest) -> Response:
     await run_in_threadpool(repo.create, build_task(job_id, req), resource_id=job_id)
     job = Job(job_id, req.base)
     get_manager(app).add(job)
-    job.handle = asyncio.create_task(_run(app, job, req), name=f"analyze-{job_id}")
+    trail = getattr(request.state, "audit", None)  # the results get their own AuditEvent, written with them
+    job_trail = trail.for_background("$analyze (asynchronous result)") if trail is not None else None
+    job.handle = asyncio.create_task(_run(app, job, req, job_trail), name=f"analyze-{job_id}")
     location = f"{req.base}/_async/{job_id}"
     body = information_outcome(f"Accepted: poll {location}; Task/{job_id} tracks the job.")
     return fhir_json_response(request, body, status_code=202, headers={"Content-Location": location})
 
 
-async def _run(app: Any, job: Job, req: operations.AnalyzeRequest) -> None:
+async def _run(app: Any, job: Job, req: operations.AnalyzeRequest, audit_trail: Any = None) -> None:
     repo: Repository = app.state.store
     started = _now()
 
@@ -229,7 +231,8 @@ async def _run(app: Any, job: Job, req: operations.AnalyzeRequest) -> None:
             executionPeriod=_period(started),
         )
         outcome = await _operations().run_analysis(
-            app, req, progress=progress, after_write=complete_in_same_transaction, wait_when_busy=True
+            app, req, progress=progress, after_write=complete_in_same_transaction, wait_when_busy=True,
+            repo=repo.with_hooks(audit_trail) if audit_trail is not None else None,
         )
         job.result_status, job.result_body, job.status = 200, outcome.bundle, "completed"
     except (asyncio.CancelledError, JobCancelled):

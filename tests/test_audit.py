@@ -266,12 +266,16 @@ def test_analyze_and_legacy_predict_are_audited(tmp_path):
         assert len(events) == 2 and events[1]["outcome"] == "0"
         assert any(e["what"]["reference"].startswith("Task/") for e in events[1]["entity"] if "what" in e)
         wait_until(lambda: client.app.state.store.search_params("Task", [("status", "completed")]).total == 1)
+        # the job's result write has its own AuditEvent, committed with the results
+        result = _operation_events(client)[2]
+        assert (result["outcome"], _patients(result)) == ("0", ["Patient/p1"])
+        assert any(e["what"]["reference"].startswith("DiagnosticReport/") for e in result["entity"] if "what" in e)
 
         predicted = client.post("/api/v1/predict", files={"image": ("x.png", png_bytes(quadrant_pixels(96, 96)), "image/png")})
         assert predicted.status_code == 200, predicted.text
         refused = client.post("/api/v1/predict", files={"image": ("x.png", b"not an image", "image/png")})
         assert refused.status_code in (400, 415)
-        legacy = _operation_events(client)[2:]
+        legacy = _operation_events(client)[3:]
         assert [(e["outcome"], _subtype(e)) for e in legacy] == [("0", "operation"), ("4", "operation")]
         assert all(d["valueString"].startswith("predict") for e in legacy for x in e["entity"] for d in x.get("detail", []))
 

@@ -50,6 +50,12 @@ class AuditTrail:
         self.current = record
         return record
 
+    def for_background(self, operation: str) -> "AuditTrail":
+        """A trail for work this request started and the server finishes later (the results of an
+        asynchronous $analyze): same client and address, its own record, written with that work."""
+        return AuditTrail(AuditRecord("operation", operation=operation), client_address=self.client_address,
+                          server=self.server, state=self._state)
+
     def use(self, record: AuditRecord | None) -> None:
         self.current = record or self.first
 
