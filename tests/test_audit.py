@@ -292,3 +292,11 @@ def test_unauditable_legacy_prediction_is_a_legacy_503(tmp_path, monkeypatch):
         assert response.status_code == 503 and response.headers["retry-after"]
         assert response.json()["status"] == "error" and response.json()["error"]["code"] == "audit_unavailable"
         assert "prediction" not in response.text
+
+
+def test_bench_measures_both_modes(repo, capsys):
+    from fhir_server.audit import bench
+
+    reads, creates = bench.measure(repo, True, 3)
+    assert reads > 0 and creates > 0
+    assert len(_events(repo)) == 3 + 20 + 3  # warm-up reads, timed reads, creates: all audited
