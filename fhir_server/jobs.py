@@ -40,6 +40,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 import mappings
+from fhir_server.audit import audit_context, background_trail
 from fhir_server.errors import operation_outcome
 from fhir_server.fhir.common import information_outcome
 from fhir_server.fhir.negotiation import fhir_json_response
@@ -146,19 +147,26 @@ def _request_of(repo: Repository, payload: Json) -> operations.AnalyzeRequest:
                                         payload["base"])
 
 
-def _store_job(repo: Repository, job_id: str, req: operations.AnalyzeRequest) -> None:
+def _store_job(repo: Repository, job_id: str, req: operations.AnalyzeRequest, audit: Json | None = None) -> None:
+    payload = _payload(job_id, req)
+    if audit:
+        payload["audit"] = audit  # who asked, for the AuditEvent of the results (written by any replica)
     with repo.transaction() as tx:
         tx.create(build_task(job_id, req), resource_id=job_id)
-        enqueue_in(tx.session, ANALYZE_TASK, _payload(job_id, req), job_id=job_id, max_attempts=ANALYZE_ATTEMPTS)
+        enqueue_in(tx.session, ANALYZE_TASK, payload, job_id=job_id, max_attempts=ANALYZE_ATTEMPTS)
 
 
 async def submit(request: Request, req: operations.AnalyzeRequest) -> Response:
     """Store the Task and its queue row in one transaction, answer 202. `req` is already validated."""
     from fhir_server.storage import new_id
 
+    from fhir_server.fhir.common import get_store
+
     app = request.app
     job_id = new_id()
-    await run_in_threadpool(_store_job, app.state.store, job_id, req)
+    # the request's store is bound to its audit trail: the Task, its queue row and the AuditEvent
+    # of the accepted request commit together
+    await run_in_threadpool(_store_job, get_store(request), job_id, req, audit_context(request))
     wake(app)
     location = f"{req.base}/_async/{job_id}"
     body = information_outcome(f"Accepted: poll {location}; Task/{job_id} tracks the job.")
@@ -246,7 +254,9 @@ async def run_job(app: Any, payload: Json) -> Json | None:
     try:
         req = await run_in_threadpool(_request_of, repo, payload)
         outcome = await _operations().run_analysis(
-            app, req, progress=note, after_write=complete_in_same_transaction, wait_when_busy=True
+            app, req, progress=note, after_write=complete_in_same_transaction, wait_when_busy=True,
+            # the results get their own AuditEvent (same client and address), written with them
+            repo=repo.with_hooks(background_trail(payload.get("audit"), "$analyze (asynchronous result)")),
         )
     except JobCancelled:
         return None

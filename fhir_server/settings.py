@@ -160,6 +160,14 @@ class Settings(BaseSettings):
         "passes on all cores (single-request latency); concurrent batches use cores // workers each",
     )
 
+    # ---- request shape limits (issue 10: bodies checked before any model is built) ----------------
+    json_max_depth: int = Field(64, ge=2, description="Deepest JSON nesting a request body may have (400 beyond)")
+    json_max_elements: int = Field(200_000, ge=1, description="Most JSON values (objects, arrays, leaves) in one request body (413 beyond)")
+    json_max_string_length: int = Field(
+        1_048_576, ge=1, description="Longest JSON string in a request body, base64 `data` excepted (FHIR's own 1 MB bound; 413 beyond)"
+    )
+    bundle_max_entries: int = Field(1_000, ge=1, description="Most entries in a transaction / batch Bundle (413 beyond)")
+
     @property
     def onnx_cache_dir(self) -> Path:
         return self.engine_cache_dir or self.data_dir / "onnx-cache"

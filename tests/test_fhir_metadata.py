@@ -26,7 +26,10 @@ def test_capability_statement(client):
     # the stored types, plus CodeSystem: our own terminology, read-only (tests/test_fhir_codesystems.py)
     assert set(by_type) == set(SUPPORTED_TYPES) | {"CodeSystem"}
     assert {i["code"] for i in by_type["CodeSystem"]["interaction"]} == {"read", "search-type"}
-    for res in (by_type[t] for t in SUPPORTED_TYPES):
+    # AuditEvent is read-only (the audit trail, tests/test_audit.py)
+    assert {i["code"] for i in by_type["AuditEvent"]["interaction"]} == {"read", "vread", "search-type", "history-instance", "history-type"}
+    assert {"patient", "agent", "date", "entity", "subtype", "outcome"} <= {p["name"] for p in by_type["AuditEvent"]["searchParam"]}
+    for res in (by_type[t] for t in SUPPORTED_TYPES if t != "AuditEvent"):
         assert {i["code"] for i in res["interaction"]} >= {"read", "vread", "create", "update", "delete", "search-type", "history-instance", "history-type"}
         assert res["versioning"] == "versioned" and res["readHistory"] is True
         assert res["conditionalCreate"] is True and res["conditionalUpdate"] is True

@@ -18,6 +18,8 @@ from fastapi import APIRouter, Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from fhir_server.auth import add_cors, require_auth
+from fhir_server.audit import routes as audit_routes
+from fhir_server.audit.middleware import AuditMiddleware
 from fhir_server.storage import Repository
 
 from . import bundles, codesystems, crud, history, metadata, search
@@ -51,6 +53,7 @@ def build_router() -> APIRouter:
     # read-only CodeSystems: before search/crud, whose /{type} routes would answer 404 not-supported
     router.include_router(codesystems.router)
     router.include_router(search.router)
+    router.include_router(audit_routes.router)  # 405 for AuditEvent writes: after POST _search, before crud
     router.include_router(crud.router)
     return router
 
@@ -59,6 +62,7 @@ def install_fhir(app: FastAPI, *, cors: bool = True) -> None:
     install_fhir_error_handlers(app)
     app.include_router(build_router())
     app.include_router(metadata.smart_router, dependencies=[Depends(require_auth)])
+    app.add_middleware(AuditMiddleware)  # issue 10: an AuditEvent for every FHIR and legacy predict request
     if cors:
         add_cors(app)
 

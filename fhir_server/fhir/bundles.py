@@ -33,7 +33,7 @@ from .common import base_url, error_from_storage, get_store, new_bundle, parse_p
 from .crud import check_type, max_body
 from .exceptions import FhirError
 from .history import history_entry
-from .negotiation import body_media_type, fhir_json_response, parse_json_body, read_body
+from .negotiation import body_media_type, fhir_json_response, parse_json_body, shape_limits, read_body
 from .search import parse_query, searchset
 from .subsetting import subset_from_params
 from .validation import required_code_issues, validate_resource
@@ -195,6 +195,22 @@ def _resource_entry(request: Request, base: str, stored: StoredResource, status:
     return entry
 
 
+def _audit_entry(request: Request, entry: Entry) -> Any:
+    """Start the AuditEvent record of one entry (fhir_server.audit); None when not audited."""
+    trail = getattr(request.state, "audit", None)
+    if trail is None:
+        return None
+    record = trail.begin_entry(entry.method, entry.resource_type, entry.resource_id, entry.version_id, entry.history, entry.query)
+    entry.extra["audit"] = record
+    return record
+
+
+def _audit_use(request: Request, entry: Entry | None) -> None:
+    trail = getattr(request.state, "audit", None)
+    if trail is not None:
+        trail.use(entry.extra.get("audit") if entry is not None else None)
+
+
 def _authorize(request: Request, entry: Entry) -> None:
     if entry.method in _PERMISSION:
         permission = _PERMISSION[entry.method]
@@ -299,16 +315,20 @@ def process_transaction(request: Request, entries: list[Entry], base: str) -> li
     ordered = sorted(entries, key=lambda e: (_ORDER[e.method], e.index))
     store = get_store(request)
     current: Entry | None = None
+    for entry in entries:
+        _audit_entry(request, entry)
     try:
         with store.transaction() as tx:
             for entry in ordered:  # before any write: conditionals see the database as the Bundle found it
                 current = entry
+                _audit_use(request, entry)
                 resolve_conditional(tx, entry)
             current = None
             _check_overlaps(entries)
             mapping: dict[str, str] = {}
             for entry in ordered:
                 current = entry
+                _audit_use(request, entry)
                 if entry.method == "DELETE":
                     results[entry.index] = execute(request, tx, entry, base)
                 elif entry.method == "POST":
@@ -333,11 +353,16 @@ def process_transaction(request: Request, entries: list[Entry], base: str) -> li
                 if entry.method == "DELETE":
                     continue
                 current = entry
+                _audit_use(request, entry)
                 if entry.method == "POST" and entry.existing is None:
                     entry.if_none_exist = None  # already resolved above, inside this transaction
                 results[entry.index] = execute(request, tx, entry, base)
-    except (FhirError, StorageError, HTTPException) as exc:
-        if current is None:
+            _audit_use(request, None)
+    except BaseException as exc:
+        trail = getattr(request.state, "audit", None)
+        if trail is not None:  # rolled back: no entry happened; the Bundle's own record tells the failure
+            trail.discard_entries()
+        if current is None or not isinstance(exc, (FhirError, StorageError, HTTPException)):
             raise
         raise _entry_error(current, exc) from None
     return [results[e.index] for e in entries]
@@ -347,6 +372,7 @@ def process_batch(request: Request, entries: list[Entry], base: str) -> list[dic
     store = get_store(request)
     out = []
     for entry in entries:
+        record = _audit_entry(request, entry)
         try:
             _authorize(request, entry)
             with store.transaction() as tx:
@@ -354,7 +380,10 @@ def process_batch(request: Request, entries: list[Entry], base: str) -> list[dic
                 out.append(execute(request, tx, entry, base))
         except (FhirError, StorageError, HTTPException) as exc:
             err = _entry_error(entry, exc)
+            if record is not None:
+                record.status = err.status_code
             out.append({"response": {"status": status_line(err.status_code), "outcome": err.outcome()}})
+    _audit_use(request, None)
     return out
 
 
@@ -376,18 +405,36 @@ def _batch_entry_errors(bundle: dict[str, Any], base: str) -> tuple[list[Entry |
                 issue["expression"] = [e.replace("Bundle.entry[0]", f"Bundle.entry[{i}]") for e in issue.get("expression", [])]
             entries.append(None)
             errors.append({"response": {"status": status_line(exc.status_code), "outcome": fixed or operation_outcome(exc.status_code, None, text)}})
+            errors[-1]["audit"] = raw.get("request", {}).get("method") if isinstance(raw, dict) and isinstance(raw.get("request"), dict) else None
     return entries, errors
+
+
+def _audit_refused_entries(request: Request, errors: list[dict[str, Any] | None]) -> None:
+    """A batch entry refused while parsing is an interaction too: audit it with its status."""
+    trail = getattr(request.state, "audit", None)
+    for error in errors:
+        if error is None:
+            continue
+        method = error.pop("audit", None)
+        if trail is not None:
+            record = trail.begin_entry(method if isinstance(method, str) and method.upper() in _ORDER else "POST", None)
+            record.status = int(error["response"]["status"].split()[0])
+    if trail is not None:
+        trail.use(None)
 
 
 async def transaction_or_batch(request: Request) -> Response:
     raw = await read_body(request, max_bytes=max_body(request))
-    bundle = parse_json_body(raw, body_media_type(request))
+    bundle = parse_json_body(raw, body_media_type(request), shape_limits(request))
     if bundle.get("resourceType") != "Bundle":
         raise FhirError(400, f"POST [base] takes a Bundle, not {bundle.get('resourceType')!r}", code="invalid", expression=["resourceType"])
     issues = required_code_issues({k: v for k, v in bundle.items() if k in ("resourceType", "type")}, "Bundle")
     if issues:
         raise FhirError(422, issues[0][1], code="code-invalid", expression=[issues[0][2]])
     btype = bundle.get("type")
+    trail = getattr(request.state, "audit", None)
+    if trail is not None and btype == "batch":
+        trail.first.subtype = "batch"
     if btype not in ("transaction", "batch"):
         raise FhirError(400, f"Bundle.type must be transaction or batch, not {btype!r}", code="invalid", expression=["Bundle.type"])
     if not isinstance(bundle.get("entry", []), list):
@@ -399,6 +446,7 @@ async def transaction_or_batch(request: Request) -> Response:
         rtype = "transaction-response"
     else:
         entries, errors = await run_in_threadpool(_batch_entry_errors, bundle, base)
+        _audit_refused_entries(request, errors)
         good = [e for e in entries if e is not None]
         done = iter(await run_in_threadpool(process_batch, request, good, base))
         responses = [err if err is not None else next(done) for err in errors]

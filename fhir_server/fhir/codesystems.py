@@ -28,7 +28,7 @@ from mappings.codesystems import code_systems
 from .common import base_url, new_bundle, parse_prefer
 from .crud import max_body
 from .exceptions import FhirError
-from .negotiation import body_media_type, fhir_json_response, parse_json_body, read_body
+from .negotiation import body_media_type, fhir_json_response, parse_json_body, shape_limits, read_body
 from .search import ignored_entry, search_items
 from .subsetting import Subset, subset_from_params
 
@@ -182,7 +182,7 @@ async def _lookup_request(request: Request) -> tuple[str | None, str | None, str
     if request.method == "POST":
         raw = await read_body(request, max_bytes=max_body(request))
         if raw.strip():
-            body = parse_json_body(raw, body_media_type(request))
+            body = parse_json_body(raw, body_media_type(request), shape_limits(request))
             if body.get("resourceType") != "Parameters":
                 raise FhirError(400, "POST $lookup takes a Parameters resource", code="invalid", expression=["resourceType"])
             for p in body.get("parameter") or []:

@@ -60,7 +60,8 @@ def get_store(request: Request) -> Repository:
     store = getattr(request.app.state, "store", None)
     if store is None:
         raise FhirError(503, "The FHIR store is not available", code="transient")
-    return store
+    trail = getattr(request.state, "audit", None)  # fhir_server.audit: this request's AuditTrail
+    return store.with_hooks(trail) if trail is not None else store
 
 
 def base_url(request: Request) -> str:

@@ -18,7 +18,7 @@ from fhir_server.storage.errors import ResourceGone
 
 from .common import base_url, get_store, information_outcome, parse_prefer, resource_headers, write_response
 from .exceptions import FhirError
-from .negotiation import JSON_BODY_TYPES, body_media_type, fhir_json_response, parse_json_body, read_body, wants_fhir
+from .negotiation import JSON_BODY_TYPES, body_media_type, fhir_json_response, parse_json_body, shape_limits, read_body, wants_fhir
 from .subsetting import Subset, subset_from_params
 from .validation import validate_resource
 
@@ -55,7 +55,7 @@ async def incoming_resource(request: Request, resource_type: str) -> dict[str, A
         if raw:
             body["data"] = base64.b64encode(raw).decode("ascii")
     else:
-        body = parse_json_body(raw, media)
+        body = parse_json_body(raw, media, shape_limits(request))
     # pydantic validation of a large resource (base64 images) is CPU work: keep it off the loop
     return await run_in_threadpool(validate_resource, body, expected_type=resource_type)
 

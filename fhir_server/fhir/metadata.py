@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from fhir_server.storage import SUPPORTED_TYPES
-from fhir_server.storage.params import COMMON, SEARCH_PARAMS
+from fhir_server.storage.params import COMMON, READ_ONLY_TYPES, SEARCH_PARAMS
 from fhir_server.storage.reference_targets import search_includes, search_rev_includes
 
 from fhir_server.auth.token_endpoint import token_url
@@ -77,6 +77,14 @@ def _resource(base: str, rtype: str) -> dict[str, Any]:
         "conditionalDelete": "single",
         "referencePolicy": ["literal", "local"],
     }
+    if rtype in READ_ONLY_TYPES:  # AuditEvent: written by the server only (fhir_server.audit)
+        res["interaction"] = [{"code": c} for c in INTERACTIONS if c in ("read", "vread", "search-type", "history-instance", "history-type")]
+        res["documentation"] = (
+            "The audit trail (IHE BALP): one AuditEvent per FHIR interaction and legacy prediction, refusals "
+            "included, written by the server; create, update and delete answer 405."
+        )
+        for flag in ("updateCreate", "conditionalCreate", "conditionalUpdate", "conditionalDelete"):
+            res.pop(flag)
     # R4: searchInclude = rtype's own reference parameters; searchRevInclude = Source:param whose
     # targets include rtype (both limited to stored types, see storage/reference_targets.py)
     includes = search_includes(rtype)
@@ -192,7 +200,7 @@ async def metadata(request: Request) -> Response:
 
 def smart_configuration(request: Request) -> dict[str, Any]:
     scopes = ["system/*.rs", "system/*.cruds", "system/*.read", "system/*.write"]
-    scopes += [f"system/{t}.rs" for t in SUPPORTED_TYPES] + [f"system/{t}.cruds" for t in SUPPORTED_TYPES]
+    scopes += [f"system/{t}.rs" for t in SUPPORTED_TYPES] + [f"system/{t}.cruds" for t in SUPPORTED_TYPES if t not in READ_ONLY_TYPES]
     scopes.append("system/CodeSystem.rs")  # read-only: no .cruds (writes answer 405)
     config: dict[str, Any] = {
         "grant_types_supported": ["client_credentials"],

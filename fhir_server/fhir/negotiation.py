@@ -9,7 +9,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from fhir_server import fhirjson
+
 from .exceptions import FhirError
+from .shape import ShapeLimits, limits_from, parse_limited
 
 FHIR_JSON = "application/fhir+json"
 FHIR_JSON_UTF8 = "application/fhir+json; charset=utf-8"
@@ -90,11 +93,15 @@ def pretty(request: Request) -> bool:
     return request.query_params.get("_pretty", "").lower() == "true"
 
 
+def shape_limits(request: Request) -> ShapeLimits:
+    return limits_from(getattr(request.app.state, "settings", None))
+
+
 def fhir_json_response(
     request: Request, body: Any, *, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
     media = negotiate(request, raise_error=False)
-    text = json.dumps(body, ensure_ascii=False, indent=2 if pretty(request) else None, separators=None if pretty(request) else (",", ":"))
+    text = fhirjson.dumps(body, indent=2 if pretty(request) else None)  # decimals as they were sent
     return Response(text.encode("utf-8"), status_code=status_code, media_type=media, headers=headers)
 
 
@@ -124,18 +131,21 @@ async def read_body(request: Request, *, max_bytes: int) -> bytes:
     return bytes(body)
 
 
-def parse_json_body(raw: bytes, media_type: str | None) -> dict[str, Any]:
-    """JSON request body -> dict; 415 for non-JSON content types, 400 for bad JSON."""
+def parse_json_body(raw: bytes, media_type: str | None, limits: ShapeLimits | None = None) -> dict[str, Any]:
+    """JSON request body -> dict; 415 for non-JSON content types, 400 for bad JSON, 400/413 past
+    the shape limits (fhir_server.fhir.shape; defaults unless `limits`). Decimals stay exact."""
     if media_type is not None and media_type not in JSON_BODY_TYPES:
         raise FhirError(415, f"Content-Type {media_type} is not supported; send application/fhir+json", code="not-supported")
     if not raw.strip():
         raise FhirError(400, "the request body is empty; a FHIR JSON resource is required", code="required")
     try:
-        body = json.loads(raw)
+        body = parse_limited(raw, limits or ShapeLimits())
     except UnicodeDecodeError:
         raise FhirError(400, "the request body is not UTF-8", code="structure") from None
     except json.JSONDecodeError as exc:
         raise FhirError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", code="structure") from None
+    except ValueError as exc:  # NaN/Infinity, an integer of more digits than Python converts
+        raise FhirError(400, f"the request body is not valid FHIR JSON: {exc}", code="structure") from None
     if not isinstance(body, dict):
         raise FhirError(400, "the request body must be a JSON object (a FHIR resource)", code="structure")
     return body
@@ -145,4 +155,4 @@ async def read_json_body(request: Request, *, max_bytes: int) -> dict[str, Any]:
     media = body_media_type(request)
     if media is not None and media not in JSON_BODY_TYPES:
         raise FhirError(415, f"Content-Type {media} is not supported; send application/fhir+json", code="not-supported")
-    return parse_json_body(await read_body(request, max_bytes=max_bytes), media)
+    return parse_json_body(await read_body(request, max_bytes=max_bytes), media, shape_limits(request))

@@ -44,7 +44,7 @@ from ml.errors import CXRError, InputError
 
 from .common import base_url, get_store, parse_prefer, resource_headers
 from .exceptions import FhirError
-from .negotiation import body_media_type, check_format, fhir_json_response, parse_json_body, read_body
+from .negotiation import body_media_type, check_format, fhir_json_response, parse_json_body, shape_limits, read_body
 from .validation import validate_resource
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ async def _json_body(request: Request) -> Json | None:
     raw = await read_body(request, max_bytes=limit)
     if not raw.strip():
         return None
-    body = parse_json_body(raw, body_media_type(request))
+    body = parse_json_body(raw, body_media_type(request), shape_limits(request))
     if not isinstance(body.get("resourceType"), str):
         raise FhirError(
             400, "Body must be a FHIR resource (Parameters) with a resourceType", code="required",
@@ -205,16 +205,17 @@ AfterWrite = Callable[[Transaction, "AnalyzeOutcome"], None]
 
 async def run_analysis(
     app: Any, req: AnalyzeRequest, *, progress: Progress | None = None, after_write: AfterWrite | None = None,
-    wait_when_busy: bool = False, study: imaging.StudyFetch | None = None,
+    wait_when_busy: bool = False, study: imaging.StudyFetch | None = None, repo: Repository | None = None,
 ) -> AnalyzeOutcome:
     """Fetch pixels, analyse, write every output in one transaction, return the result Bundle.
     `after_write(tx, outcome)` runs inside that same transaction (the async Task update).
     `wait_when_busy`: an accepted async job waits for room in the inference queue (as Retry-After
     says) instead of failing with 503; a synchronous request gets the 503 and retries itself.
     `study`: an ImagingStudy's images already at hand (the DICOM listener's received files)
-    instead of retrieving them over its DICOMweb Endpoint."""
+    instead of retrieving them over its DICOMweb Endpoint.
+    `repo`: the store to use (a request's, bound to its audit trail); default app.state.store."""
     settings = app.state.settings
-    repo: Repository = app.state.store
+    repo = repo or app.state.store
     analyzer = require_analyzer(app.state)
     note = progress or (lambda _msg: None)
     # fetch_policy_overrides: a seam for tests (a fake DNS resolver); unset in production
@@ -368,7 +369,7 @@ async def _analyze(request: Request, resource_type: str, resource_id: str | None
             from fhir_server import jobs
 
             return await jobs.submit(request, req)
-        outcome = await run_analysis(request.app, req)
+        outcome = await run_analysis(request.app, req, repo=get_store(request))
         return fhir_json_response(request, outcome.bundle, status_code=outcome.status_code, headers=outcome.headers)
     except Exception as exc:
         mapped = error_outcome(exc)

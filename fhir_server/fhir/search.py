@@ -119,4 +119,7 @@ async def search_items(request: Request) -> list[tuple[str, str]]:
 async def search_post(resource_type: str, request: Request) -> Response:
     check_type(resource_type)
     items = await search_items(request)
+    trail = getattr(request.state, "audit", None)
+    if trail is not None:  # the form body's parameters belong in the AuditEvent's query too
+        trail.set_query(urlencode(items))
     return fhir_json_response(request, await run_in_threadpool(run_search, request, resource_type, items))

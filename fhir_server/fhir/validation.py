@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 
 from .exceptions import FhirError
+from .jsontypes import json_type_issues
 
 EVENT_STATUS = {"preparation", "in-progress", "not-done", "on-hold", "stopped", "completed", "entered-in-error", "unknown"}
 PUBLICATION_STATUS = {"draft", "active", "retired", "unknown"}
@@ -168,8 +169,49 @@ def r4b_only_issues(value: Any, path: str) -> list[tuple[str, str, str]]:
     return issues
 
 
+_JSON_KIND = {bool: "boolean", str: "string", dict: "object", list: "array", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return _JSON_KIND.get(type(value), type(value).__name__)
+
+
+def as_sent(original: Any, normalised: Any, path: str) -> Any:
+    """The validated resource with every primitive exactly as the client wrote it.
+
+    pydantic's dump rewrites values (`+00:00` -> `Z`, `.120` -> `.120000`, `1.50` -> `1.5`,
+    `-1e+245` -> an integer of 246 digits); R4 says a server keeps what it accepts. The dump
+    gives the structure (which elements exist), the original gives each leaf. A leaf whose JSON
+    type the dump had to coerce (`"1.5"` for a decimal, `"true"` for a boolean) is a 400: FHIR JSON
+    types are part of the format, and pydantic's lax mode must not launder them."""
+    if isinstance(normalised, dict):
+        if not isinstance(original, dict):
+            raise _type_error(path, original, normalised)
+        # the client's element order; anything the dump adds (nothing, today) after it
+        ordered = [k for k in original if k in normalised] + [k for k in normalised if k not in original]
+        return {k: as_sent(original[k], normalised[k], f"{path}.{k}") if k in original else normalised[k] for k in ordered}
+    if isinstance(normalised, list):
+        if not isinstance(original, list) or len(original) != len(normalised):
+            raise _type_error(path, original, normalised)
+        return [as_sent(o, n, f"{path}[{i}]") for i, (o, n) in enumerate(zip(original, normalised))]
+    if _kind(original) != _kind(normalised):
+        raise _type_error(path, original, normalised)
+    return original
+
+
+def _type_error(path: str, original: Any, normalised: Any) -> FhirError:
+    expected, got = _kind(normalised), _kind(original)
+    text = f"{path}: expected a JSON {expected}, got a JSON {got}"
+    return FhirError(400, text, outcome=_outcome([("structure", text, path)]))
+
+
 def validate_resource(body: Any, *, expected_type: str | None = None, prefix: str | None = None) -> dict[str, Any]:
-    """Validate one resource; returns its normalised JSON (model_dump(mode='json')).
+    """Validate one resource; returns it as sent (the structure pydantic validated, every
+    primitive verbatim: see `as_sent`).
 
     `expected_type`: the type named by the URL (400 when the body's resourceType differs).
     `prefix`: where the resource sits, for error paths (e.g. "Bundle.entry[2].resource").
@@ -192,8 +234,16 @@ def validate_resource(body: Any, *, expected_type: str | None = None, prefix: st
     except ValueError:
         raise FhirError(400, f"{rtype!r} is not a FHIR resource type", code="invalid", expression=[f"{where}.resourceType"]) from None
     base = prefix or rtype
+    issues = json_type_issues(body, base)
+    if issues:
+        raise FhirError(400, issues[0][1], outcome=_outcome(issues))
     try:
         model = model_class.model_validate(body)
+    except (TypeError, AttributeError, KeyError, RecursionError) as exc:
+        # a fhir.resources validator that assumed a shape the JSON-type check let through: still
+        # the client's body at fault, never a 500
+        text = f"{base}: the resource could not be validated ({type(exc).__name__}: {str(exc)[:200]})"
+        raise FhirError(400, text, outcome=_outcome([("structure", text, base)])) from None
     except ValidationError as exc:
         issues = []
         for err in exc.errors():
@@ -211,4 +261,4 @@ def validate_resource(body: Any, *, expected_type: str | None = None, prefix: st
     issues = required_code_issues(data, base)
     if issues:
         raise FhirError(422, issues[0][1], outcome=_outcome(issues))
-    return data
+    return as_sent(body, data, base)

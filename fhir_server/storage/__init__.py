@@ -25,6 +25,12 @@ API (everything the REST layer and `$analyze` need):
         tx.match_one("Media", "identifier=...")                  # the single match or None (locks)
         tx.search_params("Observation", [("patient", "Patient/1"), ("code", "sys|c")])
         tx.history("DiagnosticReport", report_id)
+        tx.append({"resourceType": "AuditEvent", ...})   # server-written, immutable: 2 inserts
+
+    `repo.with_hooks(hooks)`: the same store whose transactions report what they read, searched
+    and wrote to `hooks` (repository.TransactionHooks) and let it append records just before a
+    write transaction commits (fhir_server.audit: a write and its AuditEvent commit together).
+    READ_ONLY_TYPES (AuditEvent) refuse create/update/delete with ReadOnlyType (405).
 
     `repo.transaction(write=False)`: a read-only transaction (on SQLite it does not take the
     write lock; a write transaction takes it at BEGIN, so keep slow work such as inference

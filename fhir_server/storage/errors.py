@@ -73,3 +73,10 @@ class StorageBusy(StorageError):
 
     http_status = 503
     issue_code = "transient"
+
+
+class ReadOnlyType(StorageError):
+    """A write to a type only the server appends to (AuditEvent): 405, as HAPI answers."""
+
+    http_status = 405
+    issue_code = "not-supported"

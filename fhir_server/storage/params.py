@@ -21,7 +21,12 @@ SUPPORTED_TYPES: tuple[str, ...] = (
     "Binary",
     "Task",
     "OperationDefinition",
+    "AuditEvent",
 )
+
+# Types the REST API may read and search but never write: AuditEvents are appended by the server
+# itself (fhir_server.audit, Transaction.append) and are immutable (issue 10).
+READ_ONLY_TYPES: frozenset[str] = frozenset({"AuditEvent"})
 
 SP_BASE = "http://hl7.org/fhir/SearchParameter/"
 
@@ -148,6 +153,24 @@ _PARAMS: dict[str, list[SearchParam]] = {
         _sp("status", "token", "status", "conformance-status", "The current status of the operation definition"),
     ],
 }
+
+# Every index row is written on every request (each request appends an AuditEvent), so only the
+# parameters an audit review needs are indexed: who (agent, address), when (date), what (entity,
+# patient) and how (type, subtype, action, outcome). ~10 rows per AuditEvent.
+_PARAMS["AuditEvent"] = [
+    _sp("date", "date", "recorded", "AuditEvent-date", "Time when the event was recorded"),
+    # agent.who carries the OAuth client id as an Identifier (clients are not FHIR resources), so
+    # `agent` is a token here (agent=client-id or agent=urn:cxr-fhir:client-id|client-id).
+    _sp("agent", "token", "agent.who.identifier", "AuditEvent-agent", "The client id of the requesting agent (token on agent.who.identifier, not a reference)"),
+    _sp("address", "string", "agent.network.address", "AuditEvent-address", "Identifier for the network access point of the user device"),
+    _sp("entity", "reference", "entity.what", "AuditEvent-entity", "Specific instance of resource (the resource touched)"),
+    _sp("patient", "reference", "entity.what", "AuditEvent-patient", "The patient whose data was touched", ("Patient",)),
+    _sp("type", "token", "type", "AuditEvent-type", "Type/identifier of event (rest)"),
+    _sp("subtype", "token", "subtype", "AuditEvent-subtype", "More specific type/id for the event (the FHIR interaction)"),
+    _sp("action", "token", "action", "AuditEvent-action", "Type of action performed during the event (C R U D E)"),
+    _sp("outcome", "token", "outcome", "AuditEvent-outcome", "Whether the event succeeded or failed (0 4 8 12)"),
+    _sp("source", "reference", "source.observer", "AuditEvent-source", "The identity of source detecting the event"),
+]
 
 SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
     rtype: {p.name: p for p in params} for rtype, params in _PARAMS.items()

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import InvalidSearch, UnsupportedResourceType
-from .params import SUPPORTED_TYPES, SearchParam, reference_params, search_params
+from .params import READ_ONLY_TYPES, SUPPORTED_TYPES, SearchParam, reference_params, search_params
 from .reference_targets import reference_targets
 from .timeutil import DateParseError, parse_range
 
@@ -210,6 +210,8 @@ def _parse_include(resource_type: str, value: str, *, reverse: bool, strict: boo
     problem = None
     if source not in SUPPORTED_TYPES:
         problem = f"unknown resource type {source!r} in {name}={value}"
+    elif reverse and source in READ_ONLY_TYPES:
+        problem = f"{name}={value}: {source} cannot be reverse-included (read it through its own search)"
     elif not reverse and source != resource_type:
         problem = f"{name}={value}: source type must be {resource_type}"
     elif param != "*" and param not in reference_params(source):

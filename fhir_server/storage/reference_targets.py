@@ -17,7 +17,12 @@ from functools import lru_cache
 
 from fhir.resources.R4B import get_fhir_model_class
 
-from .params import SUPPORTED_TYPES, reference_params
+from .params import READ_ONLY_TYPES, SUPPORTED_TYPES, reference_params
+
+# The audit log takes no part in includes, chains or revincludes: nothing references an
+# AuditEvent, and `Patient?_revinclude=AuditEvent:patient` would hand the audit trail to every
+# client allowed to read patients.
+_LINKED_TYPES = tuple(t for t in SUPPORTED_TYPES if t not in READ_ONLY_TYPES)
 
 # pydantic field names that differ from the FHIR element names (Task.for -> for_fhir)
 _RENAMED = {"for": "for_fhir", "class": "class_fhir", "import": "import_fhir"}
@@ -57,15 +62,17 @@ def _path_targets(resource_type: str, path: str) -> set[str]:
 @lru_cache(maxsize=None)
 def reference_targets(resource_type: str, param: str) -> tuple[str, ...]:
     """The stored types `resource_type`'s reference search parameter `param` can point to, in
-    SUPPORTED_TYPES order."""
+    SUPPORTED_TYPES order (none from or to a read-only type such as AuditEvent)."""
+    if resource_type in READ_ONLY_TYPES:
+        return ()
     sp = reference_params(resource_type)[param]
     if sp.targets:
         allowed = set(sp.targets)
     else:
         allowed = set().union(*(_path_targets(resource_type, path) for path in sp.paths))
     if "Resource" in allowed:  # Reference(Any)
-        return SUPPORTED_TYPES
-    return tuple(t for t in SUPPORTED_TYPES if t in allowed)
+        return _LINKED_TYPES
+    return tuple(t for t in _LINKED_TYPES if t in allowed)
 
 
 def search_includes(resource_type: str) -> list[str]:

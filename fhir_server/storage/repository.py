@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import json
 import re
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from sqlalchemy import delete, false, func, insert, select, text, true, update
@@ -18,11 +18,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
+from fhir_server import fhirjson
+
 from .engine import WRITE_OPTION, create_tables, make_engine
 from .errors import (
     InvalidResource,
     InvalidSearch,
     PreconditionFailed,
+    ReadOnlyType,
     ResourceExists,
     ResourceGone,
     ResourceNotFound,
@@ -31,7 +34,7 @@ from .errors import (
     VersionConflict,
 )
 from .indexing import index_rows
-from .params import SUPPORTED_TYPES
+from .params import READ_ONLY_TYPES, SUPPORTED_TYPES
 from .query import RESULT_PARAMS, SearchQuery, parse_search
 from .search import order_by, where_clauses
 from .tables import ResourceVersion as RV
@@ -133,6 +136,32 @@ def _check_type(resource_type: str) -> None:
         raise UnsupportedResourceType(f"resource type {resource_type!r} is not supported by this server")
 
 
+def _check_writable(resource_type: str) -> None:
+    if resource_type in READ_ONLY_TYPES:
+        raise ReadOnlyType(f"{resource_type} resources are written by the server only; they cannot be created, updated or deleted")
+
+
+class TransactionHooks(Protocol):
+    """Observer of one Repository's transactions (the audit trail of one request, see
+    fhir_server.audit). Storage knows nothing about auditing: it only reports what it touched
+    and lets the observer append records before a write transaction commits."""
+
+    def touched(self, stored: "StoredResource", previous: dict[str, Any] | None) -> None:
+        """A resource version was read or written (`previous`: the content a write replaced)."""
+
+    def searched(self, result: "SearchResult") -> None:
+        """A search ran and found `result`."""
+
+    def before_commit(self, tx: "Transaction") -> None:
+        """The write transaction is about to commit: append what must commit with it."""
+
+    def after_commit(self) -> None:
+        """It committed."""
+
+    def after_rollback(self) -> None:
+        """It rolled back (nothing appended in before_commit exists)."""
+
+
 def _check_id(resource_id: str) -> None:
     if not isinstance(resource_id, str) or not ID_RE.match(resource_id):
         raise InvalidResource(f"invalid resource id {resource_id!r} (1-64 of A-Z a-z 0-9 - .)", expression=["id"])
@@ -146,7 +175,7 @@ def _stored(row, *, created: bool = False) -> StoredResource:
         last_updated=row.last_updated,
         deleted=row.deleted,
         method=row.method,
-        resource=json.loads(row.content) if row.content is not None else None,
+        resource=fhirjson.loads(row.content) if row.content is not None else None,
         created=created,
     )
 
@@ -163,8 +192,9 @@ class Transaction:
     """All reads and writes through one Transaction share one database transaction: they commit
     together when the `with repo.transaction()` block ends, or none of them does."""
 
-    def __init__(self, session: Session):
+    def __init__(self, session: Session, hooks: TransactionHooks | None = None):
         self.session = session
+        self.hooks = hooks
 
     # ---- reads -------------------------------------------------------------------------
     def _current(self, resource_type: str, resource_id: str):
@@ -181,7 +211,12 @@ class Transaction:
             raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
         if row.deleted:
             raise ResourceGone(f"{resource_type}/{resource_id} was deleted", version_id=row.version_id)
-        return _stored(row)
+        return self._seen(_stored(row))
+
+    def _seen(self, stored: StoredResource) -> StoredResource:
+        if self.hooks is not None:
+            self.hooks.touched(stored, None)
+        return stored
 
     def read_or_none(self, resource_type: str, resource_id: str) -> StoredResource | None:
         """The current version, or None when unknown or deleted."""
@@ -207,7 +242,7 @@ class Transaction:
             raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {vid}")
         if row.deleted:
             raise ResourceGone(f"{resource_type}/{resource_id} version {vid} is a deletion", version_id=vid)
-        return _stored(row)
+        return self._seen(_stored(row))
 
     def history(
         self,
@@ -227,6 +262,8 @@ class Transaction:
             conds.append(RV.resource_id == resource_id)
             if self._current(resource_type, resource_id) is None:
                 raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+        else:  # system history: the audit log is read through its own type, not mixed into every change
+            conds.append(RV.resource_type.not_in(sorted(READ_ONLY_TYPES)))
         if since is not None:
             conds.append(RV.last_updated >= to_naive_utc(since))
         total = self.session.execute(select(func.count()).select_from(RV).where(*conds)).scalar_one()
@@ -241,7 +278,10 @@ class Transaction:
             return SearchResult(total)
         stmt = select(*_COLS).where(*clauses).order_by(*order_by(query)).offset(query.offset).limit(query.count)
         matches = [_stored(r) for r in self.session.execute(stmt)]
-        return SearchResult(total, matches, self._included(query, matches))
+        result = SearchResult(total, matches, self._included(query, matches))
+        if self.hooks is not None:
+            self.hooks.searched(result)
+        return result
 
     def search_params(self, resource_type: str, items: Iterable[tuple[str, str]], *, strict: bool = False) -> SearchResult:
         """Parse and run a search given as name/value pairs (e.g. [("patient", "Patient/1")])."""
@@ -361,7 +401,7 @@ class Transaction:
         content = None
         if resource is not None:
             resource = _with_meta(resource, resource_id, version_id, now)
-            content = json.dumps(resource, separators=(",", ":"), ensure_ascii=False)
+            content = fhirjson.dumps(resource)  # decimals keep their text (R4 precision)
         try:
             self.session.execute(
                 insert(RV).values(
@@ -379,12 +419,34 @@ class Transaction:
             raise VersionConflict(f"{resource_type}/{resource_id} was changed by another request; retry") from exc
         self.session.execute(delete(SI).where(SI.resource_type == resource_type, SI.resource_id == resource_id))
         if resource is not None:
-            rows = [r.model_dump(exclude={"pk"}) for r in index_rows(resource_type, resource_id, resource)]
+            rows = index_rows(resource_type, resource_id, resource)
             if rows:
                 self.session.execute(insert(SI), rows)
-        return StoredResource(
+        stored = StoredResource(
             resource_type, resource_id, version_id, now, resource is None, method, resource, created=method == "create"
         )
+        if self.hooks is not None:
+            self.hooks.touched(stored, fhirjson.loads(previous.content) if previous is not None and previous.content else None)
+        return stored
+
+    def append(self, resource: dict[str, Any]) -> StoredResource:
+        """Append an immutable, server-written resource (an AuditEvent) with a fresh id: exactly
+        two statements (the version row and its index rows), no read, no lock on other rows, so
+        auditing costs one insert per request on the hot path."""
+        resource_type = resource["resourceType"]
+        _check_type(resource_type)
+        rid, now = new_id(), utcnow()
+        body = _with_meta(resource, rid, 1, now)
+        self.session.execute(
+            insert(RV).values(
+                resource_type=resource_type, resource_id=rid, version_id=1, last_updated=now, deleted=False,
+                is_current=True, method="create", content=fhirjson.dumps(body),
+            )
+        )
+        rows = index_rows(resource_type, rid, body)
+        if rows:
+            self.session.execute(insert(SI), rows)
+        return StoredResource(resource_type, rid, 1, now, False, "create", body, created=True)
 
     def create(self, resource: Any, *, resource_id: str | None = None, if_none_exist: str | None = None) -> StoredResource:
         """Create version 1. `resource_id` lets the server pre-assign ids (e.g. to link resources
@@ -396,6 +458,7 @@ class Transaction:
         if not isinstance(resource_type, str):
             raise InvalidResource("resource has no resourceType", expression=["resourceType"])
         _check_type(resource_type)
+        _check_writable(resource_type)
         if if_none_exist:
             found = self.match_one(resource_type, if_none_exist, label="If-None-Exist")
             if found is not None:
@@ -411,6 +474,7 @@ class Transaction:
         """New version of (type, id); creates it when unknown or deleted (created=True).
         `if_match`: the expected current version (ETag or number) -> PreconditionFailed."""
         _check_type(resource_type)
+        _check_writable(resource_type)
         _check_id(resource_id)
         body = _as_dict(resource)
         if body.get("resourceType") != resource_type:
@@ -434,6 +498,7 @@ class Transaction:
     def delete(self, resource_type: str, resource_id: str, *, if_match: str | int | None = None) -> StoredResource | None:
         """Write a deletion version; None when there was nothing (unknown or already deleted)."""
         _check_type(resource_type)
+        _check_writable(resource_type)
         previous = self._current(resource_type, resource_id)
         if if_match is not None:
             expected = parse_etag(if_match)
@@ -455,6 +520,7 @@ class Transaction:
         """R4 conditional delete `DELETE [type]?criteria` ("single"): 0 matches -> None (nothing
         to do), 1 -> its deletion version, more -> PreconditionFailed."""
         _check_type(resource_type)
+        _check_writable(resource_type)
         target = self.conditional_delete_id(resource_type, criteria, if_match=if_match)
         return None if target is None else self.delete(resource_type, target, if_match=if_match)
 
@@ -473,9 +539,16 @@ class Transaction:
 class Repository:
     """The storage entry point. One per application (app.state.store); thread-safe."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, hooks: TransactionHooks | None = None):
         self.engine = engine
         self._write_engine = engine.execution_options(**{WRITE_OPTION: True})
+        self.hooks = hooks
+
+    def with_hooks(self, hooks: TransactionHooks | None) -> "Repository":
+        """The same store (engine and pool shared) whose transactions report to `hooks`."""
+        bound = copy.copy(self)
+        bound.hooks = hooks
+        return bound
 
     @classmethod
     def from_url(cls, url: str, *, create: bool = True, echo: bool = False) -> "Repository":
@@ -498,10 +571,21 @@ class Repository:
     def transaction(self, *, write: bool = True) -> Iterator[Transaction]:
         """`with repo.transaction() as tx:` - everything inside commits together on normal exit;
         any exception rolls all of it back and propagates."""
+        hooks = self.hooks
         with Session(self._write_engine if write else self.engine, expire_on_commit=False) as session:
             try:
-                with session.begin():
-                    yield Transaction(session)
+                try:
+                    with session.begin():
+                        tx = Transaction(session, hooks)
+                        yield tx
+                        if write and hooks is not None:
+                            hooks.before_commit(tx)
+                except BaseException:
+                    if write and hooks is not None:
+                        hooks.after_rollback()
+                    raise
+                if write and hooks is not None:
+                    hooks.after_commit()
             except IntegrityError as exc:  # a unique key raced at commit time
                 raise VersionConflict("a concurrent request changed the same resource; retry") from exc
             except OperationalError as exc:
