@@ -217,7 +217,7 @@ def test_audit_events_are_searchable_and_read_only(audited):
 
 def test_forbidden_request_is_audited(repo):
     _seed(repo)
-    app = make_app(repo, auth_enabled=True, auth_tokens={"tok": "system/Patient.read"})
+    app = make_app(repo, auth_enabled=True, auth_dev_static_tokens=True, auth_tokens={"tok": "system/Patient.read"})
     with TestClient(app) as client:
         response = client.get("/fhir/Observation/o1", headers={"Authorization": "Bearer tok"})
         assert response.status_code == 403
@@ -229,17 +229,17 @@ def test_forbidden_request_is_audited(repo):
 
 
 def test_agent_is_the_principals_client_id(repo):
+    """The agent is the client id the auth layer puts on request.state.principal (here a dev token's)."""
     _seed(repo)
-    app = make_app(repo)
-
-    @app.middleware("http")
-    async def principal(request, call_next):  # what the auth layer does (request.state.principal)
-        request.state.principal = type("P", (), {"client_id": "ehr-1"})()
-        return await call_next(request)
-
+    app = make_app(repo, auth_enabled=True, auth_dev_static_tokens=True,
+                   auth_tokens={"tok": "system/Patient.read system/AuditEvent.rs"})
     with TestClient(app) as client:
-        assert client.get("/fhir/Patient/p1").status_code == 200
-        assert client.get("/fhir/AuditEvent?agent=ehr-1").json()["total"] == 1
+        auth = {"Authorization": "Bearer tok"}
+        assert client.get("/fhir/Patient/p1", headers=auth).status_code == 200
+        [event] = client.get("/fhir/AuditEvent?subtype=read", headers=auth).json()["entry"]
+        client_id = event["resource"]["agent"][0]["who"]["identifier"]["value"]
+        assert client_id.startswith("dev-token-")
+        assert client.get(f"/fhir/AuditEvent?agent={client_id}&subtype=read", headers=auth).json()["total"] == 1
 
 
 def _operation_events(client) -> list[dict]:
