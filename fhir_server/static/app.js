@@ -56,7 +56,6 @@ async function main() {
   document.addEventListener("cxr-token", showAuth);
   showModel();
   config = await (await fetch("/web/api/config")).json();
-  $("disclaimer-text").textContent = config.disclaimer;
   showAuth();
   if (config.auth_enabled && !token()) {
     try { await askToken("This server requires a bearer token. It is kept for this browser tab only."); } catch (e) { /* shown by the 401 path */ }

@@ -238,6 +238,7 @@ function jsonLink(ref, label) {
   const li = el("li");
   const b = el("button", label || ref, "linkish");
   b.type = "button";
+  b.title = ref;
   b.addEventListener("click", async () => {
     const dialog = $("json-dialog");
     $("json-title").textContent = ref;
@@ -319,7 +320,8 @@ export async function openReport(id, config) {
   $("v-model").textContent = `${model.name}${model.version ? " version " + model.version : ""}`;
   const overall = (report.extension || []).find((x) => x.valueDecimal != null);
   $("v-confidence").textContent = overall ? F.pct(overall.valueDecimal, 0) : "";
-  $("v-impression").textContent = report.conclusion || "";
+  // the conclusion ends with the disclaimer, which the banner already shows on every screen
+  $("v-impression").textContent = (report.conclusion || "").replace(config.disclaimer, "").trim();
   $("report-text").textContent = (report.presentedForm || []).map((p) => (p.data ? F.decodeBase64Text(p.data) : "")).join("\n\n");
   renderFindings();
   const select = $("heat-finding");
@@ -329,10 +331,10 @@ export async function openReport(id, config) {
     return o;
   }));
   const links = $("fhir-links");
-  links.append(jsonLink(`DiagnosticReport/${report.id}`));
-  observations.forEach((o) => links.append(jsonLink(`Observation/${o.id}`, `Observation/${o.id} (${o.code.text || ""})`)));
-  F.entries(bundle, "Provenance").forEach((p) => links.append(jsonLink(`Provenance/${p.id}`)));
-  if (input) links.append(jsonLink(input, `${input} (input)`));
+  links.append(jsonLink(`DiagnosticReport/${report.id}`, "DiagnosticReport"));
+  observations.forEach((o) => links.append(jsonLink(`Observation/${o.id}`, `Observation: ${o.code.text || o.id}`)));
+  F.entries(bundle, "Provenance").forEach((p) => links.append(jsonLink(`Provenance/${p.id}`, `Provenance (${F.formatDate(p.recorded)})`)));
+  if (input) links.append(jsonLink(input, `Input ${input.split("/")[0]}`));
   const first = view.findings.find((f) => view.heatMedia.has(f.label)) || view.findings[0];
   const preset = (document.querySelector("input[name=preset]:checked") || {}).value || "default";
   await Promise.all([loadFilm(preset), first ? selectFinding(first.label) : Promise.resolve()]);
@@ -354,8 +356,8 @@ export async function openTask(id, config) {
   $("v-refusal").hidden = false;
   $("v-refusal-title").textContent = task.status === "rejected" ? "Not analysed: the image gate refused this image" : "Not analysed: the analysis failed";
   $("v-refusal-text").textContent = (task.statusReason || {}).text || "";
-  $("fhir-links").append(jsonLink(`Task/${task.id}`));
-  if (focus) $("fhir-links").append(jsonLink(focus, `${focus} (input)`));
+  $("fhir-links").append(jsonLink(`Task/${task.id}`, `Task (${task.status})`));
+  if (focus) $("fhir-links").append(jsonLink(focus, `Input ${focus.split("/")[0]}`));
   await loadFilm((document.querySelector("input[name=preset]:checked") || {}).value || "default");
   $("viewer-view").dataset.ready = "true";
 }
