@@ -362,11 +362,18 @@ def _tab_to(page: Any, selector: str, limit: int = 80, key: str = "Tab") -> None
 
 
 def test_keyboard_only(page, films):
+    choosers: list[Any] = []
+    page.on("filechooser", lambda chooser: choosers.append(chooser))  # intercept from the start: the OS dialog never opens
     open_page(page)
     _tab_to(page, "#choose")
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")
-    chooser.value.set_files(str(films.dicom))
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => true")  # let the click reach the file input
+    deadline = 50
+    while not choosers and deadline:
+        page.wait_for_timeout(200)
+        deadline -= 1
+    assert choosers, "Enter on 'Choose files' did not open the file chooser"
+    choosers[0].set_files(str(films.dicom))
     page.wait_for_url(re.compile(r"#/report/"))
     wait_viewer(page)
     _tab_to(page, "#film")
