@@ -112,3 +112,33 @@ def test_refused_analysis_is_recorded_as_a_task(client):
 @pytest.mark.parametrize("path", ["/static/../settings.py", "/static/.hidden", "/static/nope.js"])
 def test_static_refuses_unknown_and_traversal(client, path):
     assert client.get(path).status_code == 404
+
+
+def test_preview_of_real_dicom_films_windows_pre_voi_values(client, shared_data):
+    """MONOCHROME1 is inverted for display; a 12-bit DX keeps its range: lung and bone differ."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    films = {"mono1": shared_data / "dicom" / "barre_CR-MONO1-10-chest_nometa.dcm",
+             "dx12": shared_data / "dicom" / "feline_dx_chest_ap_deid_data.dcm"}
+    if not all(p.exists() for p in films.values()):
+        pytest.skip("real DICOM samples not present")
+    answers = {}
+    for name, path in films.items():
+        made = client.post("/fhir/Media", json={"resourceType": "Media", "status": "completed", "content": {
+            "contentType": "application/dicom", "data": base64.b64encode(path.read_bytes()).decode()}})
+        assert made.status_code == 201
+        for preset in ("default", "lung", "bone"):
+            r = client.get(f"/web/api/preview/{made.json()['id']}?preset={preset}&max_side=512")
+            assert r.status_code == 200, r.text
+            answers[name, preset] = r
+    mono1 = answers["mono1", "default"]
+    assert mono1.headers["x-inverted"] == "true" and mono1.headers["x-image-width"] == "440"
+    dx = answers["dx12", "default"]
+    assert dx.headers["x-inverted"] == "false" and int(dx.headers["x-image-width"]) == 3072
+    assert float(dx.headers["x-value-max"]) > 255  # pre-VOI 12-bit values, not an 8-bit rendering
+    assert max(Image.open(io.BytesIO(dx.content)).size) == 512
+    mean = {p: sum(Image.open(io.BytesIO(answers["dx12", p].content)).tobytes()) for p in ("lung", "bone")}
+    assert mean["lung"] > mean["bone"]  # lung window brightens, bone window darkens the same film

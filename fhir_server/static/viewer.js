@@ -97,11 +97,19 @@ function bindCanvas() {
     zoomBy(e.deltaY < 0 ? 1.15 : 1 / 1.15, e.clientX - r.left - r.width / 2, e.clientY - r.top - r.height / 2);
   }, { passive: false });
   let drag = null;
-  canvas.addEventListener("pointerdown", (e) => { drag = { x: e.clientX, y: e.clientY }; canvas.setPointerCapture(e.pointerId); });
+  canvas.addEventListener("contextmenu", (e) => e.preventDefault());
+  canvas.addEventListener("pointerdown", (e) => {
+    // left drag pans; right drag or shift+drag sets window (horizontal) and level (vertical)
+    drag = { x: e.clientX, y: e.clientY, wl: e.button === 2 || e.shiftKey };
+    canvas.setPointerCapture(e.pointerId);
+  });
   canvas.addEventListener("pointermove", (e) => {
     if (!drag) return;
-    view.panX += e.clientX - drag.x; view.panY += e.clientY - drag.y;
-    drag = { x: e.clientX, y: e.clientY };
+    const dx = e.clientX - drag.x;
+    const dy = e.clientY - drag.y;
+    drag.x = e.clientX; drag.y = e.clientY;
+    if (drag.wl) { adjustWindow(dx, dy); return; }
+    view.panX += dx; view.panY += dy;
     draw();
   });
   canvas.addEventListener("pointerup", () => { drag = null; });
@@ -113,6 +121,8 @@ function bindCanvas() {
       ArrowLeft: () => { view.panX += step; draw(); }, ArrowRight: () => { view.panX -= step; draw(); },
       ArrowUp: () => { view.panY += step; draw(); }, ArrowDown: () => { view.panY -= step; draw(); },
       h: () => { $("heat-on").click(); }, b: () => { $("boxes-on").click(); },
+      "[": () => adjustWindow(-20, 0), "]": () => adjustWindow(20, 0),
+      ",": () => adjustWindow(0, -20), ".": () => adjustWindow(0, 20),
     };
     if (keys[e.key]) { e.preventDefault(); keys[e.key](); }
   });
@@ -131,7 +141,28 @@ function bindCanvas() {
 
 // ------------------------------------------------------------------ data
 
-async function loadFilm(preset) {
+// Manual window/level: a step of 300 px spans the image's whole value range; the server renders
+// the latest request (at most one in flight), so dragging stays smooth on a 16-bit film.
+function adjustWindow(dx, dy) {
+  const w = view.window;
+  if (!w || !view.mediaId) return;
+  const range = Math.max(1e-6, w.high - w.low);
+  w.width = Math.max(range / 200, w.width * Math.exp(dx / 150));
+  w.center += (dy / 300) * range * (w.inverted ? -1 : 1);
+  w.manual = true;
+  if (!w.busy) loadManual();
+}
+
+async function loadManual() {
+  const w = view.window;
+  w.busy = true;
+  const asked = `${w.center}|${w.width}`;
+  await loadFilm(w.preset, { center: w.center, width: w.width });
+  w.busy = false;
+  if (`${w.center}|${w.width}` !== asked) loadManual();
+}
+
+async function loadFilm(preset, manual = null) {
   const token = view.token;
   const status = $("wl-readout");
   if (!view.mediaId) {
@@ -140,7 +171,8 @@ async function loadFilm(preset) {
   }
   status.textContent = "Loading film...";
   try {
-    const r = await request(`/web/api/preview/${encodeURIComponent(view.mediaId)}?preset=${preset}`);
+    const q = manual ? `center=${manual.center}&width=${manual.width}` : `preset=${preset}`;
+    const r = await request(`/web/api/preview/${encodeURIComponent(view.mediaId)}?${q}`);
     const blob = await r.blob();
     const bitmap = await createImageBitmap(blob);
     if (token !== view.token) return;
@@ -149,8 +181,17 @@ async function loadFilm(preset) {
     view.height = Number(r.headers.get("X-Image-Height")) || bitmap.height;
     const c = Number(r.headers.get("X-Window-Center"));
     const w = Number(r.headers.get("X-Window-Width"));
-    status.textContent = `Window ${fmt(w)} / level ${fmt(c)} (${preset}) - ${view.width} x ${view.height} px`;
-    $("film").dataset.loaded = preset;
+    // one object for the film's lifetime: a drag keeps changing center/width while a render is
+    // in flight, so a manual answer must not overwrite them with what was asked earlier
+    view.window = view.window || { busy: false };
+    Object.assign(view.window, {
+      preset, manual: Boolean(manual),
+      low: Number(r.headers.get("X-Value-Min")), high: Number(r.headers.get("X-Value-Max")),
+      inverted: r.headers.get("X-Inverted") === "true",
+    });
+    if (!manual) Object.assign(view.window, { center: c, width: w });
+    status.textContent = `Window ${fmt(w)} / level ${fmt(c)} (${manual ? "manual" : preset}) - ${view.width} x ${view.height} px`;
+    $("film").dataset.loaded = manual ? "manual" : preset;
     draw();
   } catch (e) {
     if (token === view.token) status.textContent = "The film could not be shown: " + e.message;
@@ -261,7 +302,7 @@ function jsonLink(ref, label) {
 
 function clearView() {
   view.token += 1;
-  Object.assign(view, { film: null, width: 0, height: 0, zoom: 1, panX: 0, panY: 0, selected: null, findings: [], mediaId: null });
+  Object.assign(view, { film: null, width: 0, height: 0, zoom: 1, panX: 0, panY: 0, selected: null, findings: [], mediaId: null, window: null });
   view.heat = new Map();
   view.heatMedia = new Map();
   $("findings-body").replaceChildren();

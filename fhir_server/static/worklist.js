@@ -65,6 +65,11 @@ function cellLink(href, text, label) {
   return a;
 }
 
+// Without a patient, the file name is what the sender will recognise.
+function fileName(media) {
+  return media && media.content && media.content.title ? media.content.title : "";
+}
+
 function pill(text, cls) {
   return el("span", text, "pill " + cls);
 }
@@ -83,10 +88,10 @@ async function renderReports(bundle) {
     const who = F.patientName(patient) || "Unknown patient";
     const first = el("td");
     first.append(cellLink(`#/report/${r.id}`, who, `Open report: ${who}, ${F.formatDate(r.effectiveDateTime)}`));
-    const pid = F.patientId(patient);
-    if (pid) first.append(el("span", pid, "sub"));
-    tr.append(first, el("td", F.formatDate(r.effectiveDateTime)));
     const input = F.inputRef(r);
+    const sub = F.patientId(patient) || fileName(media.get(input));
+    if (sub) first.append(el("span", sub, "sub"));
+    tr.append(first, el("td", F.formatDate(r.effectiveDateTime)));
     tr.append(el("td", F.sourceOf(input, media.get(input), config.upload_source)));
     const tri = el("td");
     tri.append(pill(urgent ? "urgent" : "routine", urgent ? "urgent" : "routine"));
@@ -108,6 +113,8 @@ async function renderTasks(bundle) {
     const who = F.patientName(patient) || "Unknown patient";
     const first = el("td");
     first.append(cellLink(`#/task/${t.id}`, who, `Open ${t.status} analysis: ${who}`));
+    const sub = F.patientId(patient) || fileName(media.get(focus));
+    if (sub) first.append(el("span", sub, "sub"));
     tr.append(first, el("td", F.formatDate(t.authoredOn)), el("td", F.sourceOf(focus, media.get(focus), config.upload_source)));
     const st = el("td");
     st.append(pill(t.status === "rejected" ? "refused" : "failed", "refused"));

@@ -237,6 +237,15 @@ def test_upload_real_film_fills_findings_and_heatmap_changes_the_canvas(page, fi
     assert lung != without  # the server rendered another window
     assert "lung" in page.locator("#wl-readout").inner_text()
 
+    box = page.locator("#film").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down(button="right")  # right-drag: window (horizontal) and level (vertical)
+    page.mouse.move(box["x"] + box["width"] / 2 - 120, box["y"] + box["height"] / 2 + 60, steps=6)
+    page.mouse.up(button="right")
+    page.wait_for_selector("#film[data-loaded=manual]")
+    page.wait_for_timeout(500)
+    assert canvas_signature(page) != lung and "(manual)" in page.locator("#wl-readout").inner_text()
+
     page.click("#zoom-in")
     assert page.locator("#zoom-level").inner_text() == "125 %"
     page.click("#zoom-fit")
@@ -380,6 +389,8 @@ def test_keyboard_only(page, films):
     page.keyboard.press("+")
     assert page.locator("#zoom-level").inner_text() == "125 %"
     page.keyboard.press("0")
+    page.keyboard.press("]")  # wider window, from the keyboard
+    page.wait_for_selector("#film[data-loaded=manual]")
     before = canvas_signature(page)
     page.keyboard.press("h")
     assert not page.is_checked("#heat-on") and canvas_signature(page) != before
