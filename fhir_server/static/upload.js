@@ -65,6 +65,7 @@ async function patientReference() {
 function row(file) {
   const li = el("li", null, "upload-item");
   const name = el("span", file.name, "u-file");
+  name.title = file.name;
   const size = el("span", `${(file.size / 1024 / 1024).toFixed(file.size > 1e6 ? 1 : 2)} MB`, "muted");
   const bar = el("progress");
   bar.max = 100;

@@ -312,6 +312,7 @@ function clearView() {
   $("v-impression").textContent = "";
   $("v-refusal").hidden = true;
   $("v-result").hidden = false;
+  $("viewer-view").classList.remove("no-results");
   $("film").removeAttribute("data-loaded");
   $("wl-readout").textContent = "";
   draw();
@@ -394,6 +395,7 @@ export async function openTask(id, config) {
   if (view.mediaId) media = F.entries(await fhir(`/fhir/Media?_id=${view.mediaId}&_summary=true`), "Media")[0] || null;
   header(task.for ? refs.get(task.for.reference) : null, task.authoredOn, F.sourceOf(focus, media, config.upload_source), task.status === "rejected" ? "refused" : "failed");
   $("v-result").hidden = true;
+  $("viewer-view").classList.add("no-results");
   $("v-refusal").hidden = false;
   $("v-refusal-title").textContent = task.status === "rejected" ? "Not analysed: the image gate refused this image" : "Not analysed: the analysis failed";
   $("v-refusal-text").textContent = (task.statusReason || {}).text || "";

@@ -90,7 +90,7 @@ async function renderReports(bundle) {
     first.append(cellLink(`#/report/${r.id}`, who, `Open report: ${who}, ${F.formatDate(r.effectiveDateTime)}`));
     const input = F.inputRef(r);
     const sub = F.patientId(patient) || fileName(media.get(input));
-    if (sub) first.append(el("span", sub, "sub"));
+    if (sub) { const span = el("span", sub, "sub"); span.title = sub; first.append(span); }
     tr.append(first, el("td", F.formatDate(r.effectiveDateTime)));
     tr.append(el("td", F.sourceOf(input, media.get(input), config.upload_source)));
     const tri = el("td");
