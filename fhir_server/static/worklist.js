@@ -138,12 +138,22 @@ export async function show(url, { quiet = false } = {}) {
   const tasks = url.startsWith("/fhir/Task");
   try {
     const bundle = await fhir(url);
+    const fresh = (bundle.entry || []).map((e) => `${e.resource.id}@${(e.resource.meta || {}).versionId}`).join(",");
+    $("wl-updated").textContent = "Updated " + new Date().toLocaleTimeString();
+    if (quiet && fresh === signature) return; // nothing changed: leave the rows (and the focus) alone
     const { rows, count } = tasks ? await renderTasks(bundle) : await renderReports(bundle);
+    // a keyboard user keeps their place when new rows arrive
+    const active = document.activeElement;
+    const focusedRow = active && active.closest ? active.closest("#wl-body tr[data-id]") : null;
     headers(tasks);
     const body = $("wl-body");
     const before = new Set([...body.querySelectorAll("tr[data-id]")].map((r) => r.dataset.id));
     if (quiet && before.size) rows.forEach((r) => { if (!before.has(r.dataset.id)) r.classList.add("new"); });
     body.replaceChildren(...rows);
+    if (focusedRow) {
+      const again = body.querySelector(`tr[data-id="${focusedRow.dataset.id}"] a`);
+      if (again) again.focus();
+    }
     if (!count) {
       const tr = el("tr");
       const td = el("td", tasks ? "Nothing here: no analysis was refused or failed with these filters." : "No results match these filters yet.", "empty");
@@ -160,8 +170,7 @@ export async function show(url, { quiet = false } = {}) {
     $("wl-next").onclick = () => next && show(next);
     $("wl-prev").onclick = () => prev && show(prev);
     $("wl-error").hidden = true;
-    signature = rows.map((r) => r.dataset.id).join(",");
-    $("wl-updated").textContent = "Updated " + new Date().toLocaleTimeString();
+    signature = fresh;
   } catch (e) {
     $("wl-error").textContent = "The worklist could not be loaded: " + e.message;
     $("wl-error").hidden = false;
@@ -178,7 +187,7 @@ async function poll() {
   if (document.hidden || current !== firstPage || $("worklist-view").hidden) return;
   const before = signature;
   await show(current, { quiet: true });
-  if (before && signature !== before) {
+  if (signature !== before) {
     const fresh = document.querySelectorAll("#wl-body tr.new").length;
     if (fresh) $("wl-live").textContent = `${fresh} new result${fresh > 1 ? "s" : ""} arrived.`;
   }

@@ -47,7 +47,9 @@ class Films:
 def films(shared_data: Path) -> Films:
     nih = shared_data / "nih_cxr14_fullres" / "images"
     dicom = shared_data / "dicom"
-    kermany = sorted((shared_data / "kermany_pneumonia" / "images" / "train" / "PNEUMONIA").glob("*.jpeg"))[:3]
+    kermany_dir = shared_data / "kermany_pneumonia" / "images" / "train"
+    normal = sorted((kermany_dir / "NORMAL").glob("*.jpeg"))[:2]
+    kermany = [*normal[:1], *sorted((kermany_dir / "PNEUMONIA").glob("*.jpeg"))[:1], *normal[1:]]
     found = Films(
         pneumonia=nih / "00000061_015.png",
         pa=nih / "00000773_001.png",
@@ -358,6 +360,14 @@ def test_three_files_at_once_each_with_its_own_progress(page, films):
         assert items.nth(i).locator("progress").get_attribute("value") == "100"
         assert "Open report" in items.nth(i).inner_text()
     assert "#/report/" not in page.url  # several files: stay on the list
+
+    # normal and pneumonia films now sit side by side: the triage filter separates them
+    for triage, other in (("routine", "URGENT"), ("urgent", "ROUTINE")):
+        page.select_option("#f-triage", triage)
+        page.wait_for_function(
+            "([t, o]) => { const rows = [...document.querySelectorAll('#wl-body tr[data-id]')];"
+            " return rows.length > 0 && rows.every((r) => r.innerText.toUpperCase().includes(t.toUpperCase())"
+            " && !r.innerText.toUpperCase().includes(o)); }", arg=[triage, other])
 
 
 def _tab_to(page: Any, selector: str, limit: int = 80, key: str = "Tab") -> None:
