@@ -1,7 +1,8 @@
 // HTTP for the page: every call carries the bearer token (kept in sessionStorage only, so it
-// dies with the tab), a 401 asks for a token once and retries, errors become readable sentences.
-const TOKEN_KEY = "cxr-fhir-token";
-let asking = null; // one token prompt at a time, shared by every waiting request
+// dies with the tab), a 401 opens the token field and retries once a token is entered, errors
+// become readable sentences.
+const TOKEN_KEY = "cxr-access-token";
+let waiting = null; // requests waiting for a token share one promise
 
 export function token() {
   return sessionStorage.getItem(TOKEN_KEY);
@@ -10,6 +11,12 @@ export function token() {
 export function setToken(value) {
   if (value) sessionStorage.setItem(TOKEN_KEY, value);
   else sessionStorage.removeItem(TOKEN_KEY);
+  document.getElementById("token").value = value || "";
+  if (value && waiting) {
+    document.getElementById("error").hidden = true;
+    waiting.resolve(value);
+    waiting = null;
+  }
   document.dispatchEvent(new CustomEvent("cxr-token"));
 }
 
@@ -21,25 +28,29 @@ export class HttpError extends Error {
   }
 }
 
-// Shows the token dialog; resolves when a token was entered (rejects when dismissed).
+// Opens the access token field with the reason; resolves when a token is entered there.
 export function askToken(reason) {
-  if (asking) return asking;
-  const dialog = document.getElementById("token-dialog");
-  const input = document.getElementById("token-input");
-  document.getElementById("token-reason").textContent = reason || "This server requires a bearer token.";
-  input.value = "";
-  asking = new Promise((resolve, reject) => {
-    const done = () => {
-      dialog.removeEventListener("close", done);
-      asking = null;
-      const value = dialog.returnValue === "ok" ? input.value.trim() : "";
-      if (value) { setToken(value); resolve(value); } else reject(new HttpError(401, "A bearer token is required to use this server."));
-    };
-    dialog.addEventListener("close", done);
-  });
-  dialog.showModal();
-  input.focus();
-  return asking;
+  const details = document.getElementById("auth");
+  const error = document.getElementById("error");
+  details.hidden = false;
+  details.open = true;
+  error.textContent = `This server requires an access token (${reason}): paste a current one under "Access token".`;
+  error.hidden = false;
+  document.getElementById("token").focus();
+  if (!waiting) {
+    let resolve;
+    const promise = new Promise((r) => { resolve = r; });
+    waiting = { promise, resolve };
+  }
+  return waiting.promise;
+}
+
+// A 401 for a request sent with a token: that token is dropped (unless another one was entered
+// meanwhile) and the reason says it was refused, whichever waiting request reports first.
+function rejected(sent, why) {
+  if (!sent) return why;
+  if (token() === sent) setToken(null);
+  return "the token was not accepted: " + why;
 }
 
 function withAuth(headers) {
@@ -71,15 +82,14 @@ export function describe(status, body) {
 export async function request(url, options = {}) {
   for (;;) {
     let response;
+    const sent = token();
     try {
       response = await fetch(url, { ...options, headers: withAuth(options.headers) });
     } catch (e) {
       throw new HttpError(0, "The server could not be reached.");
     }
     if (response.status === 401) {
-      const err = await readError(response);
-      setToken(null);
-      await askToken(token() ? "The token was not accepted: " + err.message : err.message);
+      await askToken(rejected(sent, (await readError(response)).message));
       continue;
     }
     if (!response.ok) throw await readError(response);
@@ -114,10 +124,10 @@ export function postWithProgress(url, body, contentType, onProgress) {
   });
   return (async () => {
     for (;;) {
+      const sent = token();
       const answer = await send();
       if (answer.status === 401) {
-        setToken(null);
-        await askToken(describe(401, answer.body).message);
+        await askToken(rejected(sent, describe(401, answer.body).message));
         continue;
       }
       if (answer.status >= 400) throw describe(answer.status, answer.body);

@@ -21,10 +21,8 @@ async function showModel() {
 }
 
 function showAuth() {
-  const on = config && config.auth_enabled;
-  $("auth").hidden = !on;
-  $("auth-state").textContent = token() ? "Token set for this tab" : "No token";
-  $("auth-forget").hidden = !token();
+  $("auth").hidden = !(config && config.auth_enabled);
+  $("auth-state").textContent = token() ? "(set for this tab)" : "(none)";
 }
 
 async function route() {
@@ -50,23 +48,26 @@ async function route() {
 }
 
 async function main() {
-  $("token-form").addEventListener("submit", () => { /* method=dialog closes it with returnValue "ok" */ });
-  $("auth-change").addEventListener("click", () => askToken("Enter the bearer token for this server.").then(route, () => {}));
-  $("auth-forget").addEventListener("click", () => { setToken(null); showAuth(); });
+  const useToken = () => { const v = $("token").value.trim(); if (v) { setToken(v); $("auth").open = false; } };
+  $("token-form").addEventListener("submit", (e) => { e.preventDefault(); useToken(); });
+  $("token").addEventListener("change", useToken);
+  $("auth-forget").addEventListener("click", () => setToken(null));
   document.addEventListener("cxr-token", showAuth);
+  $("token").value = token() || "";
   showModel();
-  config = await (await fetch("/web/api/config")).json();
-  showAuth();
-  if (config.auth_enabled && !token()) {
-    try { await askToken("This server requires a bearer token. It is kept for this browser tab only."); } catch (e) { /* shown by the 401 path */ }
-  }
-  viewer.init();
-  upload.init(config, (reports, total) => {
+  const configured = fetch("/web/api/config").then((r) => r.json());
+  // the upload listens from the first moment; a file chosen before the config arrives waits for it
+  upload.init(configured, (reports, total) => {
     worklist.refresh();
     if (total === 1 && reports.length === 1) location.hash = `#/report/${reports[0].id}`;
   });
-  await worklist.init(config);
+  config = await configured;
+  showAuth();
+  if (config.auth_enabled && !token()) askToken("none is set for this tab yet");
+  viewer.init();
   window.addEventListener("hashchange", route);
+  const listed = worklist.init(config);
+  if (token() || !config.auth_enabled) await listed; // else it waits for the token; the page is usable
   if (location.hash && location.hash !== "#/") await route();
   document.body.dataset.ready = "true";
 }

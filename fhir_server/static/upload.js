@@ -102,6 +102,7 @@ async function send(file, subject, ui) {
 export async function uploadFiles(files) {
   const list = [...files];
   if (!list.length) return;
+  config = await config; // bound before the page's config arrived: a file chosen at once still goes
   $("upload-error").hidden = true;
   let subject = null;
   try {
@@ -138,7 +139,7 @@ export async function uploadFiles(files) {
 }
 
 export function init(cfg, done) {
-  config = cfg;
+  config = cfg; // the config, or a promise of it
   onDone = done;
   const input = $("file");
   const drop = $("drop");

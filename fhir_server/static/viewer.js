@@ -311,7 +311,7 @@ function clearView() {
   $("report-text").textContent = "";
   $("v-impression").textContent = "";
   $("v-refusal").hidden = true;
-  $("v-result").hidden = false;
+  $("result").hidden = false;
   $("viewer-view").classList.remove("no-results");
   $("film").removeAttribute("data-loaded");
   $("wl-readout").textContent = "";
@@ -323,7 +323,7 @@ function header(patient, date, source, triage) {
   $("v-pid").textContent = F.patientId(patient) ? "ID " + F.patientId(patient) : "";
   $("v-date").textContent = date ? "Study " + F.formatDate(date) : "";
   $("v-source").textContent = source ? "Source: " + source : "";
-  const t = $("v-triage");
+  const t = $("triage");
   t.hidden = !triage;
   if (triage) { t.textContent = triage; t.className = "pill " + (triage === "urgent" ? "urgent" : triage === "routine" ? "routine" : "refused"); }
 }
@@ -394,7 +394,7 @@ export async function openTask(id, config) {
   let media = null;
   if (view.mediaId) media = F.entries(await fhir(`/fhir/Media?_id=${view.mediaId}&_summary=true`), "Media")[0] || null;
   header(task.for ? refs.get(task.for.reference) : null, task.authoredOn, F.sourceOf(focus, media, config.upload_source), task.status === "rejected" ? "refused" : "failed");
-  $("v-result").hidden = true;
+  $("result").hidden = true;
   $("viewer-view").classList.add("no-results");
   $("v-refusal").hidden = false;
   $("v-refusal-title").textContent = task.status === "rejected" ? "Not analysed: the image gate refused this image" : "Not analysed: the analysis failed";

@@ -482,27 +482,33 @@ def test_auth_token_is_asked_once_and_kept_for_the_tab_only(browser, secured_ser
     pg.set_default_timeout(TIMEOUT_MS)
     watch = Watch(pg)
     watch.expect(401, "/fhir/")
-    pg.goto("/")
-    pg.wait_for_selector("#token-dialog[open]")
-    pg.fill("#token-input", "wrong")
-    pg.click("#token-dialog button[value=ok]")
-    pg.wait_for_selector("#token-dialog[open]")  # refused: asked again, with the reason
-    assert "not valid" in pg.locator("#token-reason").inner_text()
-    pg.fill("#token-input", TOKEN)
-    pg.click("#token-dialog button[value=ok]")
-    pg.wait_for_selector("body[data-ready=true]")
-    assert pg.evaluate("() => sessionStorage.getItem('cxr-fhir-token')") == TOKEN
-    assert pg.evaluate("() => localStorage.length") == 0
     film = tmp_path / "white.png"
     buf = io.BytesIO()
     Image.new("L", (256, 256), 255).save(buf, "PNG")
     film.write_bytes(buf.getvalue())
-    pg.set_input_files("#file", str(film))
-    pg.wait_for_url(re.compile(r"#/report/"))
+
+    pg.goto("/")
+    pg.wait_for_selector("body[data-ready=true]")
+    pg.wait_for_selector("#auth[open]")  # the token field opens by itself
+    pg.set_input_files("#file", str(film))  # an upload without a token waits for one
+    pg.wait_for_selector("#error:not([hidden])")
+    assert "access token" in pg.inner_text("#error")
+    pg.fill("#token", "wrong")
+    pg.press("#token", "Enter")
+    pg.wait_for_function("() => document.getElementById('error').innerText.includes('not accepted')")
+    assert pg.locator("#auth").get_attribute("open") is not None  # asked again, with the reason
+    pg.fill("#token", TOKEN)
+    pg.press("#token", "Enter")
+    pg.wait_for_url(re.compile(r"#/report/"))  # the waiting upload went on with the token
     wait_viewer(pg)  # the preview and every FHIR read carried the token
+    pg.wait_for_selector("#result:not([hidden])")
+    assert pg.inner_text("#triage") == "URGENT"  # a white film: every tiny-model finding detected
     assert pg.locator("#findings-body tr").count() == 3
+    assert pg.evaluate("() => sessionStorage.getItem('cxr-access-token')") == TOKEN
+    assert pg.evaluate("() => localStorage.length") == 0 and TOKEN not in pg.url
     pg.reload()
     pg.wait_for_selector("body[data-ready=true]")
-    assert not pg.locator("#token-dialog").get_attribute("open")  # kept for the session: asked once
+    assert pg.input_value("#token") == TOKEN  # kept for the session: asked once
+    assert pg.locator("#error").is_hidden()
     context.close()
     assert not watch.problems, watch.problems
