@@ -95,8 +95,9 @@ async function send(file, subject, ui) {
     if (f >= 1) ui.status.textContent = "Analysing";
   });
   ui.bar.value = 100;
-  const report = F.entries(bundle, "DiagnosticReport")[0];
-  return report;
+  // warnings the server attached to the result (e.g. an image outside the validated population)
+  ui.warnings = F.entries(bundle, "OperationOutcome").flatMap((o) => (o.issue || []).map((i) => i.diagnostics).filter(Boolean));
+  return F.entries(bundle, "DiagnosticReport")[0];
 }
 
 export async function uploadFiles(files) {
@@ -126,6 +127,7 @@ export async function uploadFiles(files) {
       link.href = `#/report/${report.id}`;
       link.setAttribute("aria-label", `Open the report of ${list[i].name}`);
       ui.status.append(pill, document.createTextNode(" " + F.topFinding(report) + " "), link);
+      if (ui.warnings && ui.warnings.length) ui.status.append(el("span", "Warning: " + ui.warnings.join(" "), "u-warning"));
       reports.push(report);
     } catch (e) {
       ui.li.classList.add("failed");
