@@ -1,5 +1,4 @@
 // Reading the server's FHIR resources for display. The shapes are documented in README.md (FHIR).
-export const CONFIDENCE_URL = "http://cxr-fhir.org/fhir/StructureDefinition/ai-confidence";
 
 export function entries(bundle, type, mode) {
   return (bundle.entry || [])
