@@ -3,7 +3,8 @@
 import { fhir } from "./api.js";
 import * as F from "./fhir.js";
 
-const PAGE_SIZE = 15;
+// rows per page; a reading room with a tall monitor may want more: /?page_size=40 (1..100)
+const PAGE_SIZE = Math.min(100, Math.max(1, Number(new URLSearchParams(location.search).get("page_size")) || 15));
 const POLL_MS = 5000;
 const $ = (id) => document.getElementById(id);
 
@@ -148,7 +149,7 @@ export async function show(url, { quiet = false } = {}) {
     headers(tasks);
     const body = $("wl-body");
     const before = new Set([...body.querySelectorAll("tr[data-id]")].map((r) => r.dataset.id));
-    if (quiet && before.size) rows.forEach((r) => { if (!before.has(r.dataset.id)) r.classList.add("new"); });
+    if (quiet) rows.forEach((r) => { if (!before.has(r.dataset.id)) r.classList.add("new"); });
     body.replaceChildren(...rows);
     if (focusedRow) {
       const again = body.querySelector(`tr[data-id="${focusedRow.dataset.id}"] a`);
