@@ -40,6 +40,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 import mappings
+from ml.errors import NotChestXRay
 from fhir_server.audit import audit_context, background_trail
 from fhir_server.errors import operation_outcome
 from fhir_server.fhir.common import information_outcome
@@ -273,6 +274,8 @@ async def run_job(app: Any, payload: Json) -> Json | None:
         result = {"http_status": mapped[0], "outcome": mapped[1]}
         if mapped[0] in TRANSIENT_HTTP:
             raise TransientError(reason, result=result) from exc
+        if isinstance(exc, NotChestXRay):  # refused by the image gate: `rejected`, as a synchronous refusal is
+            await run_in_threadpool(_finish_task, repo, job_id, "rejected", reason)
         raise JobFailed(reason, result=result) from exc
     finally:
         progress.pop(job_id, None)

@@ -301,3 +301,20 @@ def test_job_whose_input_was_deleted_meanwhile_fails_with_the_reason(tmp_path, d
         assert done.status_code == 410 and media_id in outcome(done)["diagnostics"]
         task = worker.get(f"/fhir/Task/{location.rsplit('/', 1)[1]}").json()
         assert task["status"] == "failed" and media_id in task["statusReason"]["text"]
+
+
+def test_async_refusal_by_the_gate_rejects_the_task(tmp_path) -> None:
+    """A film the image gate refuses is `rejected` (as a synchronous refusal's Task is), not `failed`."""
+    from model_fixtures import RefusingGate, tiny_model
+
+    analyzer = tiny_analyzer(tiny_model(ood_gate=RefusingGate()))
+    with make_client(tmp_path, analyzer=analyzer) as client:
+        media_id = create_media(client)
+        response = client.post(f"/fhir/Media/{media_id}/$analyze", headers=ASYNC)
+        assert response.status_code == 202
+        location = response.headers["content-location"]
+        done = poll_until_done(client, location)
+        assert done.status_code == 422
+        task = client.get(f"/fhir/Task/{location.rsplit('/', 1)[1]}").json()
+        assert task["status"] == "rejected" and RefusingGate.reason.split(":")[0] in task["statusReason"]["text"]
+    analyzer.close()

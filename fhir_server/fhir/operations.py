@@ -361,6 +361,7 @@ def _write_results(
 
 
 async def _analyze(request: Request, resource_type: str, resource_id: str | None) -> Response:
+    req: AnalyzeRequest | None = None
     try:
         check_format(request)
         req = await build_request(request, resource_type, resource_id)
@@ -375,7 +376,18 @@ async def _analyze(request: Request, resource_type: str, resource_id: str | None
         mapped = error_outcome(exc)
         if mapped is None:
             raise
+        if req is not None:
+            await _log_unsuccessful(request, req, exc, mapped)
         return fhir_json_response(request, mapped[1], status_code=mapped[0], headers=retry_headers(exc))
+
+
+async def _log_unsuccessful(request: Request, req: AnalyzeRequest, exc: BaseException, mapped: tuple[int, Json]) -> None:
+    """A refused or failed analysis of an input is recorded as a Task (see analysis_log)."""
+    from fhir_server import analysis_log
+
+    if analysis_log.recordable(exc):
+        reason = "; ".join(i.get("diagnostics", "") for i in mapped[1].get("issue", [])) or "failed"
+        await run_in_threadpool(analysis_log.record_unsuccessful, get_store(request), req, exc, mapped[0], reason)
 
 
 @router.post("/Media/$analyze", summary="Analyse an inline Media (Parameters.media)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pydicom
@@ -319,3 +320,38 @@ def _float(value: object, default: float | None) -> float | None:  # type: ignor
     except (TypeError, ValueError):
         return default
     return out if np.isfinite(out) else default
+
+
+@dataclass(frozen=True)
+class StoredValues:
+    """A DICOM image before any VOI: what a viewer's window/level acts on.
+
+    `values` are Modality-LUT output (float32, H x W; colour images as luminance in 0..255),
+    `inverted` says higher values are displayed darker (MONOCHROME1 or INVERSE presentation),
+    `window` is the header's first linear (center, width) when valid.
+    """
+
+    values: np.ndarray
+    inverted: bool
+    window: tuple[float, float] | None
+
+
+def load_dicom_values(data: bytes, *, max_pixels: int, has_marker: bool) -> StoredValues:
+    """Decode like load_dicom (same checks, decoders and Modality LUT) but stop before the VOI."""
+    ds = _read(data, has_marker=has_marker, filename=None)
+    check_supported(ds)
+    rows, cols = _dims(ds)
+    if rows * cols > max_pixels:
+        raise InputTooLarge(f"DICOM image is {cols}x{rows} pixels, over the limit of {max_pixels:,} pixels.")
+    _ensure_transfer_syntax(ds)
+    raw = _decode(ds, data)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper()
+    if raw.ndim == 3 or photometric == "PALETTE COLOR":
+        display, _ = _to_display(raw, ds)
+        return StoredValues(np.ascontiguousarray(display * np.float32(255.0)), False, None)
+    arr, _ = _modality(raw, ds)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    window = (float(center), float(width)) if voi.valid_window(center, width, "LINEAR") else None  # type: ignore[arg-type]
+    shape = str(ds.get("PresentationLUTShape", "") or "").upper()
+    inverted = photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
+    return StoredValues(np.ascontiguousarray(arr, dtype=np.float32), inverted, window)
