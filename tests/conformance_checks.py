@@ -129,12 +129,13 @@ KNOWN_FALSE_POSITIVES: tuple[KnownFalsePositive, ...] = (
     ),
     KnownFalsePositive(
         validator="pyfhircheck",
-        location=re.compile(r"Binary\.data"),
-        message=re.compile(r"Binary\.data must be EncodedBytes"),
+        location=re.compile(r"Binary\.data|AuditEvent\.entity\[\d+\]\.query"),
+        message=re.compile(r"(Binary\.data|AuditEvent\.entity\[\d+\]\.query) must be EncodedBytes"),
         reason=(
-            "pyfhircheck maps fhir.resources' annotation for Binary.data to a type named 'EncodedBytes' "
-            "that no JSON value can have; it rejects every Binary with data, e.g. the official Binary/f006 "
-            "(medplum, fhirkit and the JSON schema check the base64 itself)"
+            "pyfhircheck maps fhir.resources' annotation for base64Binary elements (Binary.data, "
+            "AuditEvent.entity.query) to a type named 'EncodedBytes' that no JSON value can have; it "
+            "rejects every Binary with data, e.g. the official Binary/f006 (medplum, fhirkit and the JSON "
+            "schema check the base64 itself)"
         ),
     ),
     KnownFalsePositive(

@@ -24,7 +24,7 @@ def test_upload_page_sends_the_access_token(tmp_path, monkeypatch):
     monkeypatch.delenv("CXR_DATABASE_URL", raising=False)
     key = new_key("ES384", "web-1")
     assert cxr(["clients", "add", "viewer", "--jwks", str(write_jwks(tmp_path / "k.json", key)),
-                "--scopes", "system/*.rs"]) == 0
+                "--scopes", "system/*.rs system/DiagnosticReport.c"]) == 0  # $analyze: read input, create report
     image = tmp_path / "chest.png"
     image.write_bytes(png_bytes(quadrant_pixels(96, 96, quadrant="top_left")))
     analyzer = tiny_test_analyzer()

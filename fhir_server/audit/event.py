@@ -98,8 +98,9 @@ def build_event(record: AuditRecord, *, recorded: str, client_id: str | None, ad
         query: dict[str, Any] = {
             "type": _coding(ENTITY_TYPE, "2", "System Object"),
             "role": _coding(OBJECT_ROLE, "24", "Query"),
-            "query": base64.b64encode(record.query).decode("ascii"),
         }
+        if record.query:  # a search without parameters has none: FHIR forbids an empty base64Binary
+            query["query"] = base64.b64encode(record.query).decode("ascii")
         if record.target:
             query["description"] = f"search of {record.target}"
         entities.append(query)

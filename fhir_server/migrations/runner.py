@@ -64,20 +64,39 @@ def status(engine: Engine) -> SchemaStatus:
 
 
 def _adopt_unversioned(connection: Connection, cfg: Config) -> None:
-    """Stamp a pre-migrations database with the newest revision whose tables all exist."""
+    """Give a database that has tables but no migration history a revision to upgrade from.
+
+    Its tables are those of a prefix of the revisions (a previous release made them with
+    `create_all`): stamped with the newest revision of that prefix, then upgraded by the migrations.
+    Anything else (tables from later revisions present while an earlier one's are missing: made by
+    `create_all` of a build whose models were ahead of that prefix) gets the missing tables from the
+    models and is stamped at head -- the same schema, since tests keep migrations equal to models.
+    """
     existing = set(inspect(connection).get_table_names())
-    if "alembic_version" in existing or not existing & {"resource_version"}:
-        return  # already versioned, or empty: nothing to adopt
+    if "alembic_version" in existing:
+        return
     script = ScriptDirectory.from_config(cfg)
-    adopt = None
-    for rev in reversed(list(script.walk_revisions())):  # oldest first
+    revisions = list(reversed(list(script.walk_revisions())))  # oldest first
+    model_tables = {t for rev in revisions for t in getattr(rev.module, "CREATES_TABLES", ())}
+    present = existing & model_tables
+    if not present:
+        return  # empty (or foreign tables only): the migrations create everything
+    adopt, covered = None, set()
+    for rev in revisions:
         creates = set(getattr(rev.module, "CREATES_TABLES", ()))
         if not creates <= existing:
             break
-        adopt = rev.revision
-    if adopt is not None:
+        adopt, covered = rev.revision, covered | creates
+    if adopt is not None and present <= covered:
         log.warning("database has tables but no migration history: adopting it at revision %s", adopt)
         command.stamp(cfg, adopt)
+        return
+    from fhir_server.migrations.metadata import target_metadata
+
+    log.warning("database has tables of several releases but no migration history: completing it from the "
+                "models and stamping it at the newest revision")
+    target_metadata().create_all(connection, checkfirst=True)
+    command.stamp(cfg, "head")
 
 
 def upgrade(engine: Engine, revision: str = "head") -> SchemaStatus:

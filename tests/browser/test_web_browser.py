@@ -485,7 +485,7 @@ def secured_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     analyzer = tiny_test_analyzer()
     app = make_test_app(
-        tmp_path_factory.mktemp("cxr-browser-auth"), analyzer=analyzer, auth_enabled=True,
+        tmp_path_factory.mktemp("cxr-browser-auth"), analyzer=analyzer, auth_enabled=True, auth_dev_static_tokens=True,
         auth_tokens={TOKEN: "system/*.read system/*.write"},
     )
     try:
