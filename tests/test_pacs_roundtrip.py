@@ -1,0 +1,285 @@
+"""Issue 12 "Done when", as deployed: a study sent with dcmtk's `storescu` to a running `cxr serve`
+(a subprocess, the shipped model with its gate) comes back analysed in a real Orthanc as an SR and
+an SC next to the original images, in the FHIR store as ImagingStudy + DiagnosticReport (found by
+FHIR search, with a completed delivery Task per destination), and at a loopback MLLP listener as
+one acknowledged ORU^R01. Sending it again changes nothing; the cat radiograph is refused and sent
+nowhere. The same holds with the API and the DICOM listener in different processes (`cxr serve`
+with CXR_QUEUE_WORKER=false + `cxr worker` with CXR_DICOM_PORT), as deploy/compose.yaml runs it.
+
+The elapsed times (last C-STORE -> report stored / SR in Orthanc / ORU acknowledged) are printed
+(`pytest -s`), not asserted beyond a generous bound: the machine is shared."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import httpx
+import pydicom
+import pytest
+from hl7apy.parser import parse_message
+from mllp_support import Listener
+from orthanc_fixture import orthanc  # noqa: F401 - the shared module-scoped fixture
+from orthanc_support import OrthancServer
+from proc_server import Proc, free_port, server_env, start_serve
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+HUMAN = "siim_cr_pa_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"  # real human CR, PA
+CAT = "feline_dx_chest_ap_deid_data.dcm"  # labels.csv: NOT human (cat) -> refused by the gate
+ACCESSION, MRN, ISSUER = "ACC-E2E-7", "MRN-E2E-7", "1.2.3.4.5.6"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+DELIVERY_BOUND_S = 120.0  # seconds from the last C-STORE; "within seconds" on an idle machine
+
+
+def storescu(port: int, called: str, *files: Path) -> None:
+    tool = shutil.which("storescu")
+    if tool is None:
+        pytest.skip("storescu (dcmtk) is not installed")
+    # -xy: also propose JPEG baseline, so the compressed sample goes as it is
+    r = subprocess.run([tool, "-xy", "-aet", "MODALITY", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+@pytest.fixture(scope="module")
+def samples(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared samples, the human one with the accession number and issuer a RIS-scheduled
+    study carries (the public sample has none); copies in tmp, never in the repository."""
+    out = tmp_path_factory.mktemp("samples")
+    found = {}
+    for name in (HUMAN, CAT):
+        src = shared_data / "dicom" / name
+        if not src.exists():
+            pytest.skip(f"{src} not in the shared data")
+        found[name] = out / name
+        shutil.copy(src, found[name])
+    ds = pydicom.dcmread(found[HUMAN])
+    ds.AccessionNumber, ds.PatientID, ds.IssuerOfPatientID = ACCESSION, MRN, ISSUER
+    ds.save_as(found[HUMAN], enforce_file_format=True)
+    return found
+
+
+@pytest.fixture(scope="module")
+def ris() -> Iterator[Listener]:
+    listener = Listener(["AA"] * 20)
+    yield listener
+    listener.close()
+
+
+def node_env(data: Path, orthanc: OrthancServer, ris: Listener, dicom_port: int, **extra: str) -> dict[str, str]:
+    """What the README quick start sets: the three settings, the shipped model, the gate on."""
+    return server_env(
+        data,
+        CXR_MODEL="cxr:pneumonia-v1", CXR_OOD_GATE="true",
+        CXR_DICOM_PORT=str(dicom_port),
+        CXR_DICOM_DESTINATION=orthanc.destination,
+        CXR_HL7_DESTINATION=f"127.0.0.1:{ris.port}",
+        CXR_DICOM_STUDY_SETTLE_S="1", CXR_QUEUE_POLL_S="0.3", CXR_DELIVERY_BACKOFF_S="1",
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def node(bundled_model, orthanc: OrthancServer, ris: Listener, tmp_path_factory) -> Iterator[tuple[Proc, int]]:  # noqa: F811
+    data = tmp_path_factory.mktemp("cxr-serve")
+    dicom_port = free_port()
+    proc = start_serve(node_env(data, orthanc, ris, dicom_port), data / "serve.log")
+    try:
+        proc.wait_ready(timeout=240)
+        yield proc, dicom_port
+    finally:
+        proc.stop()
+
+
+def search(fhir: httpx.Client, query: str) -> list[dict]:
+    r = fhir.get(f"/{query}")
+    assert r.status_code == 200, r.text
+    return [e["resource"] for e in r.json().get("entry", []) if e.get("search", {}).get("mode", "match") == "match"]
+
+
+def orthanc_study(orthanc: OrthancServer, study_uid: str) -> str | None:  # noqa: F811
+    found = [x["ID"] for x in orthanc.lookup(study_uid) if x["Type"] == "Study"]
+    return found[0] if found else None
+
+
+def orthanc_instances(orthanc: OrthancServer, study_uid: str, sop_class: str) -> list[pydicom.Dataset]:  # noqa: F811
+    sid = orthanc_study(orthanc, study_uid)
+    if sid is None:
+        return []
+    out = []
+    for inst in orthanc.get(f"/studies/{sid}/instances").json():
+        tags = orthanc.get(f"/instances/{inst['ID']}/simplified-tags").json()
+        if tags.get("SOPClassUID") == sop_class:
+            out.append(pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{inst['ID']}/file").content)))
+    return out
+
+
+def deliver_and_measure(fhir: httpx.Client, orthanc: OrthancServer, ris: Listener, study_uid: str,  # noqa: F811
+                        sent_at: float, log: Path) -> dict[str, float]:
+    """Poll the three places until each has the result; seconds after the last C-STORE."""
+    acks_before = len(ris.answered)
+    seen: dict[str, float] = {}
+    deadline = sent_at + DELIVERY_BOUND_S
+    while len(seen) < 3:
+        now = time.monotonic()
+        if now > deadline:
+            raise AssertionError(f"not delivered within {DELIVERY_BOUND_S} s (seen {seen}); "
+                                 f"Tasks: {search(fhir, 'Task')}; log: {log.read_text()[-3000:]}")
+        if "report" not in seen and search(fhir, f"DiagnosticReport?study.identifier=urn:dicom:uid|urn:oid:{study_uid}"):
+            seen["report"] = time.monotonic() - sent_at
+        if "sr" not in seen and orthanc_instances(orthanc, study_uid, COMPREHENSIVE_3D_SR):
+            seen["sr"] = time.monotonic() - sent_at
+        if "oru" not in seen and len(ris.answered) > acks_before:
+            seen["oru"] = ris.answered[-1][1] - sent_at
+        time.sleep(0.1)
+    return seen
+
+
+def check_delivered(fhir: httpx.Client, orthanc: OrthancServer, ris: Listener, source: pydicom.Dataset) -> None:  # noqa: F811
+    study_uid, sop_uid = str(source.StudyInstanceUID), str(source.SOPInstanceUID)
+    # (b) the FHIR side, by the searches an EHR makes
+    [study] = search(fhir, f"ImagingStudy?identifier=urn:dicom:uid|urn:oid:{study_uid}")
+    [report] = search(fhir, f"DiagnosticReport?patient.identifier=urn:oid:{ISSUER}|{MRN}")
+    assert report["status"] == "preliminary"
+    assert report["imagingStudy"][0]["reference"] == f"ImagingStudy/{study['id']}"
+    observations = [fhir.get(f"/{r['reference']}").json() for r in report.get("result", [])]
+    deadline = time.monotonic() + 30
+    while True:  # the DICOM and HL7 Tasks complete independently: each has its own job
+        tasks = search(fhir, f"Task?focus=DiagnosticReport/{report['id']}")
+        if len(tasks) == 2 and all(t["status"] == "completed" for t in tasks) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    labels = sorted(next(i["valueString"] for i in t["input"] if i["type"]["text"] == "destination") for t in tasks)
+    assert labels == [f"DICOM C-STORE {orthanc.destination}", f"HL7 v2 MLLP 127.0.0.1:{ris.port}"], tasks
+    assert [t["status"] for t in tasks] == ["completed", "completed"], tasks
+
+    # (a) in Orthanc: SR and SC in the same study as the original, each in a new series
+    [sr] = orthanc_instances(orthanc, study_uid, COMPREHENSIVE_3D_SR)
+    sid = orthanc_study(orthanc, study_uid)
+    series = orthanc.get(f"/studies/{sid}/series").json()
+    by_modality: dict[str, list[str]] = {}
+    for s in series:
+        by_modality.setdefault(s["MainDicomTags"].get("Modality", ""), []).append(s["MainDicomTags"]["SeriesInstanceUID"])
+    assert str(source.SeriesInstanceUID) in by_modality.get(str(source.Modality), []), by_modality
+    assert len(series) == 3, by_modality  # the original + the SR series + the heatmap series
+    assert sr.StudyInstanceUID == study_uid and sr.SeriesInstanceUID != source.SeriesInstanceUID
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    groups = parsed.content.get_image_measurement_groups()
+    findings = {g.finding_type.meaning for g in groups}
+    assert groups, "no finding in the SR"
+    assert {o["code"]["coding"][0]["display"] for o in observations if o.get("code", {}).get("coding")} & findings
+    refs = [r.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence
+            for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence]
+    assert refs == [sop_uid]
+    heatmaps = [d for d in orthanc_instances(orthanc, study_uid, SECONDARY_CAPTURE) if d.SOPInstanceUID != sop_uid]
+    assert heatmaps, "no heatmap Secondary Capture in Orthanc"
+    for sc in heatmaps:
+        assert sc.BurnedInAnnotation == "YES" and sc.StudyInstanceUID == study_uid
+        assert sc.SeriesInstanceUID not in (source.SeriesInstanceUID, sr.SeriesInstanceUID)
+
+    # (c) exactly one ORU^R01, acknowledged, with the right PID / OBR and an OBX per finding
+    assert len(ris.messages) == 1 and [a for a, _ in ris.answered] == ["AA"]
+    msg = parse_message(ris.messages[0], find_groups=True)
+    assert msg.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
+    result = msg.oru_r01_patient_result
+    assert result.oru_r01_patient.pid.pid_3.to_er7().startswith(f"{MRN}^^^")
+    order = result.oru_r01_order_observation
+    assert order.obr.obr_3.to_er7() == ACCESSION and order.obr.obr_19.value == study_uid
+    assert order.obr.obr_4.to_er7().startswith("36554-4^")
+    obx = [o.obx for o in order.children if o.name == "ORU_R01_OBSERVATION"]
+    numeric = [x for x in obx if x.obx_2.value == "NM"]
+    assert len(numeric) == len(groups) and {x.obx_8.value for x in numeric} <= {"A", "N"}
+    control = next(o["valueString"] for t in tasks for o in t.get("output", [])
+                   if o["type"]["text"] == "hl7-message-control-id")
+    assert msg.msh.msh_10.value == control
+
+
+def test_storescu_to_cxr_serve_reaches_orthanc_fhir_and_the_ris_once(node, orthanc, ris, samples, capsys):  # noqa: F811
+    proc, dicom_port = node
+    human = samples[HUMAN]
+    source = pydicom.dcmread(human, stop_before_pixels=True)
+    storescu(orthanc.dicom_port, orthanc.aet, human)  # the PACS holds the originals
+    fhir = httpx.Client(base_url=f"{proc.base}/fhir", timeout=30)
+
+    storescu(dicom_port, "CXR", human)
+    sent_at = time.monotonic()
+    times = deliver_and_measure(fhir, orthanc, ris, str(source.StudyInstanceUID), sent_at, proc.log)
+    with capsys.disabled():
+        print(f"\n[roundtrip cxr serve] last C-STORE -> report stored {times['report']:.2f} s, SR in Orthanc "
+              f"{times['sr']:.2f} s, ORU acknowledged {times['oru']:.2f} s (load average {load_avg()})")
+    check_delivered(fhir, orthanc, ris, source)
+
+    # the same study again: no second report version, SR or ORU
+    storescu(dicom_port, "CXR", human)
+    time.sleep(6)  # settle (1 s) + queue polls + what a delivery took above
+    reports = search(fhir, f"DiagnosticReport?study.identifier=urn:dicom:uid|urn:oid:{source.StudyInstanceUID}")
+    assert [r["meta"]["versionId"] for r in reports] == ["1"]
+    assert len(orthanc_instances(orthanc, str(source.StudyInstanceUID), COMPREHENSIVE_3D_SR)) == 1
+    assert len(ris.messages) == 1
+
+    # the cat: refused by the gate, recorded as refused, nothing sent anywhere
+    cat_uid = str(pydicom.dcmread(samples[CAT], stop_before_pixels=True).StudyInstanceUID)
+    studies_before = set(orthanc.get("/studies").json())
+    storescu(dicom_port, "CXR", samples[CAT])
+    deadline = time.monotonic() + 120
+    while not (refused := [t for t in search(fhir, f"Task?identifier=urn:dicom:uid|urn:oid:{cat_uid}")
+                           if t["status"] == "failed"]):
+        assert time.monotonic() < deadline, f"cat not refused: {proc.log.read_text()[-3000:]}"
+        time.sleep(0.3)
+    assert refused[0]["businessStatus"]["text"] == "refused" and "chest radiograph" in refused[0]["statusReason"]["text"]
+    [cat_study] = search(fhir, f"ImagingStudy?identifier=urn:dicom:uid|urn:oid:{cat_uid}")
+    assert search(fhir, f"DiagnosticReport?study=ImagingStudy/{cat_study['id']}") == []
+    time.sleep(3)
+    assert set(orthanc.get("/studies").json()) == studies_before and len(ris.messages) == 1
+
+
+def test_cxr_worker_receives_analyses_and_delivers(bundled_model, orthanc, samples, tmp_path, capsys):  # noqa: F811
+    """deploy/compose.yaml's split: the API replica runs no jobs and no DICOM listener; the worker
+    runs both. A study sent to the worker's DICOM port is analysed and delivered the same way."""
+    ris = Listener(["AA"] * 5)
+    data = tmp_path / "data"
+    data.mkdir()
+    dicom_port = free_port()
+    env = node_env(data, orthanc, ris, dicom_port)
+    api_env = {**{k: v for k, v in env.items() if k != "CXR_DICOM_PORT"}, "CXR_QUEUE_WORKER": "false"}
+    api = start_serve(api_env, data / "api.log")
+    worker = Proc(["worker", "--log-level", "warning"], env, data / "worker.log")
+    try:
+        api.wait_ready(timeout=240)
+        deadline = time.monotonic() + 240
+        while subprocess.run([shutil.which("echoscu") or "echoscu", "-aec", "CXR", "127.0.0.1", str(dicom_port)],
+                             capture_output=True).returncode != 0:
+            assert worker.popen.poll() is None, f"cxr worker exited: {worker.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the worker's DICOM listener did not come up"
+            time.sleep(0.5)
+        # a new study (new UIDs) from the same film, so it does not collide with the serve test's
+        ds = pydicom.dcmread(samples[HUMAN])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        path = tmp_path / "worker-study.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        storescu(orthanc.dicom_port, orthanc.aet, path)
+        fhir = httpx.Client(base_url=f"{api.base}/fhir", timeout=30)
+        storescu(dicom_port, "CXR", path)
+        sent_at = time.monotonic()
+        times = deliver_and_measure(fhir, orthanc, ris, str(ds.StudyInstanceUID), sent_at, worker.log)
+        with capsys.disabled():
+            print(f"\n[roundtrip cxr worker] last C-STORE -> report stored {times['report']:.2f} s, SR in Orthanc "
+                  f"{times['sr']:.2f} s, ORU acknowledged {times['oru']:.2f} s (load average {load_avg()})")
+        check_delivered(fhir, orthanc, ris, ds)
+    finally:
+        worker.stop()
+        api.stop()
+        ris.close()
