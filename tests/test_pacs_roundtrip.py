@@ -83,6 +83,7 @@ def node_env(data: Path, orthanc: OrthancServer, ris: Listener, dicom_port: int,
     return server_env(
         data,
         CXR_MODEL="cxr:pneumonia-v1", CXR_OOD_GATE="true",
+        CXR_ENGINE="onnx",  # the default (server_env picks torch for speed; the quick start runs the default)
         CXR_DICOM_PORT=str(dicom_port),
         CXR_DICOM_DESTINATION=orthanc.destination,
         CXR_HL7_DESTINATION=f"127.0.0.1:{ris.port}",
@@ -255,7 +256,7 @@ def test_cxr_worker_receives_analyses_and_delivers(bundled_model, orthanc, sampl
     env = node_env(data, orthanc, ris, dicom_port)
     api_env = {**{k: v for k, v in env.items() if k != "CXR_DICOM_PORT"}, "CXR_QUEUE_WORKER": "false"}
     api = start_serve(api_env, data / "api.log")
-    worker = Proc(["worker", "--log-level", "warning"], env, data / "worker.log")
+    worker = Proc(["worker"], env, data / "worker.log")
     try:
         api.wait_ready(timeout=240)
         deadline = time.monotonic() + 240
