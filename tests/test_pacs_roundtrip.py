@@ -207,20 +207,26 @@ def check_delivered(fhir: httpx.Client, orthanc: OrthancServer, ris: Listener, s
     assert msg.msh.msh_10.value == control
 
 
+def send_and_check(label: str, fhir: httpx.Client, orthanc: OrthancServer, ris: Listener, path: Path,  # noqa: F811
+                   dicom_port: int, log: Path, capsys) -> pydicom.Dataset:
+    """The PACS holds the originals; the study goes to our SCP; the result must reach all three."""
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    storescu(orthanc.dicom_port, orthanc.aet, path)
+    storescu(dicom_port, "CXR", path)
+    sent_at = time.monotonic()
+    times = deliver_and_measure(fhir, orthanc, ris, str(source.StudyInstanceUID), sent_at, log)
+    with capsys.disabled():
+        print(f"\n[roundtrip {label}] last C-STORE -> report stored {times['report']:.2f} s, SR in Orthanc "
+              f"{times['sr']:.2f} s, ORU acknowledged {times['oru']:.2f} s (load average {load_avg()})")
+    check_delivered(fhir, orthanc, ris, source)
+    return source
+
+
 def test_storescu_to_cxr_serve_reaches_orthanc_fhir_and_the_ris_once(node, orthanc, ris, samples, capsys):  # noqa: F811
     proc, dicom_port = node
     human = samples[HUMAN]
-    source = pydicom.dcmread(human, stop_before_pixels=True)
-    storescu(orthanc.dicom_port, orthanc.aet, human)  # the PACS holds the originals
     fhir = httpx.Client(base_url=f"{proc.base}/fhir", timeout=30)
-
-    storescu(dicom_port, "CXR", human)
-    sent_at = time.monotonic()
-    times = deliver_and_measure(fhir, orthanc, ris, str(source.StudyInstanceUID), sent_at, proc.log)
-    with capsys.disabled():
-        print(f"\n[roundtrip cxr serve] last C-STORE -> report stored {times['report']:.2f} s, SR in Orthanc "
-              f"{times['sr']:.2f} s, ORU acknowledged {times['oru']:.2f} s (load average {load_avg()})")
-    check_delivered(fhir, orthanc, ris, source)
+    source = send_and_check("cxr serve", fhir, orthanc, ris, human, dicom_port, proc.log, capsys)
 
     # the same study again: no second report version, SR or ORU
     storescu(dicom_port, "CXR", human)
@@ -271,16 +277,46 @@ def test_cxr_worker_receives_analyses_and_delivers(bundled_model, orthanc, sampl
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
         path = tmp_path / "worker-study.dcm"
         ds.save_as(path, enforce_file_format=True)
-        storescu(orthanc.dicom_port, orthanc.aet, path)
         fhir = httpx.Client(base_url=f"{api.base}/fhir", timeout=30)
-        storescu(dicom_port, "CXR", path)
-        sent_at = time.monotonic()
-        times = deliver_and_measure(fhir, orthanc, ris, str(ds.StudyInstanceUID), sent_at, worker.log)
-        with capsys.disabled():
-            print(f"\n[roundtrip cxr worker] last C-STORE -> report stored {times['report']:.2f} s, SR in Orthanc "
-                  f"{times['sr']:.2f} s, ORU acknowledged {times['oru']:.2f} s (load average {load_avg()})")
-        check_delivered(fhir, orthanc, ris, ds)
+        send_and_check("cxr worker", fhir, orthanc, ris, path, dicom_port, worker.log, capsys)
     finally:
         worker.stop()
         api.stop()
         ris.close()
+
+
+def test_two_view_study_reports_once_and_delivers_what_was_analysed(node, orthanc, ris, samples, tmp_path):  # noqa: F811
+    """PA + lateral in one study (the lateral a re-tagged copy of the film): one report (LOINC
+    36643-5, two views), the SR and SCs only for the analysed frontal image, one more ORU."""
+    proc, dicom_port = node
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    paths = []
+    for i, view in enumerate(("PA", "LL"), 1):
+        ds = pydicom.dcmread(samples[HUMAN])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.ViewPosition, ds.InstanceNumber, ds.AccessionNumber = view, i, "ACC-E2E-2V"
+        paths.append(tmp_path / f"{view}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    frontal = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    oru_before = len(ris.messages)
+    storescu(orthanc.dicom_port, orthanc.aet, *paths)
+    storescu(dicom_port, "CXR", *paths)
+    fhir = httpx.Client(base_url=f"{proc.base}/fhir", timeout=30)
+    deadline = time.monotonic() + DELIVERY_BOUND_S
+    while len(ris.answered) <= oru_before or not orthanc_instances(orthanc, study, COMPREHENSIVE_3D_SR):
+        assert time.monotonic() < deadline, f"not delivered: {proc.log.read_text()[-3000:]}"
+        time.sleep(0.3)
+    [report] = search(fhir, f"DiagnosticReport?study.identifier=urn:dicom:uid|urn:oid:{study}")
+    assert report["code"]["coding"][0]["code"] == "36643-5"
+    [sr] = orthanc_instances(orthanc, study, COMPREHENSIVE_3D_SR)
+    refs = [r.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence
+            for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence]
+    assert refs == [frontal.SOPInstanceUID]
+    time.sleep(2)
+    heatmaps = [d for d in orthanc_instances(orthanc, study, SECONDARY_CAPTURE) if d.SeriesInstanceUID != series]
+    assert heatmaps and all(d.SourceImageSequence[0].ReferencedSOPInstanceUID == frontal.SOPInstanceUID for d in heatmaps)
+    assert len(ris.messages) == oru_before + 1
+    msg = parse_message(ris.messages[-1], find_groups=True)
+    order = msg.oru_r01_patient_result.oru_r01_order_observation
+    assert order.obr.obr_4.to_er7().startswith("36643-5^") and order.obr.obr_19.value == study
