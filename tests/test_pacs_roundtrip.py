@@ -6,6 +6,10 @@ one acknowledged ORU^R01. Sending it again changes nothing; the cat radiograph i
 nowhere. The same holds with the API and the DICOM listener in different processes (`cxr serve`
 with CXR_QUEUE_WORKER=false + `cxr worker` with CXR_DICOM_PORT), as deploy/compose.yaml runs it.
 
+Films: a real human CR from the shared data when present, run by the shipped cxr:pneumonia-v1 with
+its gate; where the shared data is absent (CI), a generated CR run by the untrained registry model
+without the gate (generated pixels are not a chest film), and the cat test skips.
+
 The elapsed times (last C-STORE -> report stored / SR in Orthanc / ORU acknowledged) are printed
 (`pytest -s`), not asserted beyond a generous bound: the machine is shared."""
 
@@ -15,19 +19,22 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import httpx
 import pydicom
 import pytest
+from dicom_support import CR_SOP, make_file
 from hl7apy.parser import parse_message
 from mllp_support import Listener
 from orthanc_fixture import orthanc  # noqa: F401 - the shared module-scoped fixture
 from orthanc_support import OrthancServer
-from proc_server import Proc, free_port, server_env, start_serve
+from proc_server import ROOT, Proc, free_port, server_env, start_serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -53,22 +60,33 @@ def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+@dataclass(frozen=True)
+class Films:
+    human: Path  # a frontal chest film with the accession number, MRN and issuer a RIS-scheduled study carries
+    cat: Path | None  # the cat radiograph (refused by the shipped gate); None without the shared data
+    model_env: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def samples(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The shared samples, the human one with the accession number and issuer a RIS-scheduled
-    study carries (the public sample has none); copies in tmp, never in the repository."""
+def samples(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Films:
+    """Copies in tmp (never in the repository); the public sample has no accession number or issuer."""
     out = tmp_path_factory.mktemp("samples")
-    found = {}
-    for name in (HUMAN, CAT):
-        src = shared_data / "dicom" / name
-        if not src.exists():
-            pytest.skip(f"{src} not in the shared data")
-        found[name] = out / name
-        shutil.copy(src, found[name])
-    ds = pydicom.dcmread(found[HUMAN])
+    shared = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data")) / "dicom"  # as conftest.py
+    if not (shared / HUMAN).exists():
+        uid = pydicom.uid.generate_uid()
+        human = make_file(out, uid, f"{uid}.1", f"{uid}.1.1", view="PA", modality="CR", sop_class=CR_SOP, size=256,
+                          patient_id=MRN, issuer=ISSUER, accession=ACCESSION)
+        return Films(human, None, {"CXR_MODEL": "cxr:untrained-demo", "CXR_OOD_GATE": "false"})
+    request.getfixturevalue("bundled_model")  # skips where the shipped weights are not installed
+    human = out / HUMAN
+    ds = pydicom.dcmread(shared / HUMAN)
     ds.AccessionNumber, ds.PatientID, ds.IssuerOfPatientID = ACCESSION, MRN, ISSUER
-    ds.save_as(found[HUMAN], enforce_file_format=True)
-    return found
+    ds.save_as(human, enforce_file_format=True)
+    cat = None
+    if (shared / CAT).exists():
+        cat = out / CAT
+        shutil.copy(shared / CAT, cat)
+    return Films(human, cat, {"CXR_MODEL": "cxr:pneumonia-v1", "CXR_OOD_GATE": "true"})
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +96,12 @@ def ris() -> Iterator[Listener]:
     listener.close()
 
 
-def node_env(data: Path, orthanc: OrthancServer, ris: Listener, dicom_port: int, **extra: str) -> dict[str, str]:
-    """What the README quick start sets: the three settings, the shipped model, the gate on."""
+def node_env(data: Path, orthanc: OrthancServer, ris: Listener, films: Films, dicom_port: int,  # noqa: F811
+             **extra: str) -> dict[str, str]:
+    """What the README quick start sets: the three settings (the shipped model, the gate on)."""
     return server_env(
         data,
-        CXR_MODEL="cxr:pneumonia-v1", CXR_OOD_GATE="true",
+        **films.model_env,
         CXR_ENGINE="onnx",  # the default (server_env picks torch for speed; the quick start runs the default)
         CXR_DICOM_PORT=str(dicom_port),
         CXR_DICOM_DESTINATION=orthanc.destination,
@@ -93,10 +112,10 @@ def node_env(data: Path, orthanc: OrthancServer, ris: Listener, dicom_port: int,
 
 
 @pytest.fixture(scope="module")
-def node(bundled_model, orthanc: OrthancServer, ris: Listener, tmp_path_factory) -> Iterator[tuple[Proc, int]]:  # noqa: F811
+def node(samples: Films, orthanc: OrthancServer, ris: Listener, tmp_path_factory) -> Iterator[tuple[Proc, int]]:  # noqa: F811
     data = tmp_path_factory.mktemp("cxr-serve")
     dicom_port = free_port()
-    proc = start_serve(node_env(data, orthanc, ris, dicom_port), data / "serve.log")
+    proc = start_serve(node_env(data, orthanc, ris, samples, dicom_port), data / "serve.log")
     try:
         proc.wait_ready(timeout=240)
         yield proc, dicom_port
@@ -165,6 +184,7 @@ def check_delivered(fhir: httpx.Client, orthanc: OrthancServer, ris: Listener, s
     labels = sorted(next(i["valueString"] for i in t["input"] if i["type"]["text"] == "destination") for t in tasks)
     assert labels == [f"DICOM C-STORE {orthanc.destination}", f"HL7 v2 MLLP 127.0.0.1:{ris.port}"], tasks
     assert [t["status"] for t in tasks] == ["completed", "completed"], tasks
+    assert {t["id"] for t in tasks} <= {t["id"] for t in search(fhir, "Task?code=deliver")}
 
     # (a) in Orthanc: SR and SC in the same study as the original, each in a new series
     [sr] = orthanc_instances(orthanc, study_uid, COMPREHENSIVE_3D_SR)
@@ -224,7 +244,7 @@ def send_and_check(label: str, fhir: httpx.Client, orthanc: OrthancServer, ris: 
 
 def test_storescu_to_cxr_serve_reaches_orthanc_fhir_and_the_ris_once(node, orthanc, ris, samples, capsys):  # noqa: F811
     proc, dicom_port = node
-    human = samples[HUMAN]
+    human = samples.human
     fhir = httpx.Client(base_url=f"{proc.base}/fhir", timeout=30)
     source = send_and_check("cxr serve", fhir, orthanc, ris, human, dicom_port, proc.log, capsys)
 
@@ -236,10 +256,16 @@ def test_storescu_to_cxr_serve_reaches_orthanc_fhir_and_the_ris_once(node, ortha
     assert len(orthanc_instances(orthanc, str(source.StudyInstanceUID), COMPREHENSIVE_3D_SR)) == 1
     assert len(ris.messages) == 1
 
-    # the cat: refused by the gate, recorded as refused, nothing sent anywhere
-    cat_uid = str(pydicom.dcmread(samples[CAT], stop_before_pixels=True).StudyInstanceUID)
-    studies_before = set(orthanc.get("/studies").json())
-    storescu(dicom_port, "CXR", samples[CAT])
+
+def test_the_cat_is_refused_recorded_and_sent_nowhere(node, orthanc, ris, samples):  # noqa: F811
+    if samples.cat is None:
+        pytest.skip("the cat radiograph (shared data dicom/) is not here")
+    proc, dicom_port = node
+    fhir = httpx.Client(base_url=f"{proc.base}/fhir", timeout=30)
+    cat_uid = str(pydicom.dcmread(samples.cat, stop_before_pixels=True).StudyInstanceUID)
+    studies_before, oru_before = set(orthanc.get("/studies").json()), len(ris.messages)
+    deliveries_before = {t["id"] for t in search(fhir, "Task?code=deliver")}
+    storescu(dicom_port, "CXR", samples.cat)
     deadline = time.monotonic() + 120
     while not (refused := [t for t in search(fhir, f"Task?identifier=urn:dicom:uid|urn:oid:{cat_uid}")
                            if t["status"] == "failed"]):
@@ -249,17 +275,37 @@ def test_storescu_to_cxr_serve_reaches_orthanc_fhir_and_the_ris_once(node, ortha
     [cat_study] = search(fhir, f"ImagingStudy?identifier=urn:dicom:uid|urn:oid:{cat_uid}")
     assert search(fhir, f"DiagnosticReport?study=ImagingStudy/{cat_study['id']}") == []
     time.sleep(3)
-    assert set(orthanc.get("/studies").json()) == studies_before and len(ris.messages) == 1
+    assert {t["id"] for t in search(fhir, "Task?code=deliver")} == deliveries_before  # none was queued
+    assert set(orthanc.get("/studies").json()) == studies_before and len(ris.messages) == oru_before
 
 
-def test_cxr_worker_receives_analyses_and_delivers(bundled_model, orthanc, samples, tmp_path, capsys):  # noqa: F811
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """SQLite (the default), and PostgreSQL as deploy/compose.yaml runs it: migrated once by
+    `cxr db upgrade` before the API and the worker start (CXR_DB_AUTO_UPGRADE=false)."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    from pg_cluster import POSTGRES_URL, fresh_postgres_database
+
+    if not POSTGRES_URL:
+        pytest.skip("CXR_TEST_POSTGRES_URL not set")
+    with fresh_postgres_database("cxr_e2e") as url:
+        env = {"CXR_DATABASE_URL": url, "CXR_DB_AUTO_UPGRADE": "false"}
+        r = subprocess.run([sys.executable, "-m", "fhir_server", "db", "upgrade"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=server_env(tmp_path, **env))
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield env
+
+
+def test_cxr_worker_receives_analyses_and_delivers(orthanc, samples, database, tmp_path, capsys):  # noqa: F811
     """deploy/compose.yaml's split: the API replica runs no jobs and no DICOM listener; the worker
     runs both. A study sent to the worker's DICOM port is analysed and delivered the same way."""
     ris = Listener(["AA"] * 5)
     data = tmp_path / "data"
     data.mkdir()
     dicom_port = free_port()
-    env = node_env(data, orthanc, ris, dicom_port)
+    env = node_env(data, orthanc, ris, samples, dicom_port, **database)
     api_env = {**{k: v for k, v in env.items() if k != "CXR_DICOM_PORT"}, "CXR_QUEUE_WORKER": "false"}
     api = start_serve(api_env, data / "api.log")
     worker = Proc(["worker"], env, data / "worker.log")
@@ -272,7 +318,7 @@ def test_cxr_worker_receives_analyses_and_delivers(bundled_model, orthanc, sampl
             assert time.monotonic() < deadline, "the worker's DICOM listener did not come up"
             time.sleep(0.5)
         # a new study (new UIDs) from the same film, so it does not collide with the serve test's
-        ds = pydicom.dcmread(samples[HUMAN])
+        ds = pydicom.dcmread(samples.human)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
         path = tmp_path / "worker-study.dcm"
@@ -292,7 +338,7 @@ def test_two_view_study_reports_once_and_delivers_what_was_analysed(node, orthan
     study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     paths = []
     for i, view in enumerate(("PA", "LL"), 1):
-        ds = pydicom.dcmread(samples[HUMAN])
+        ds = pydicom.dcmread(samples.human)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
         ds.ViewPosition, ds.InstanceNumber, ds.AccessionNumber = view, i, "ACC-E2E-2V"
