@@ -46,12 +46,12 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 DELIVERY_BOUND_S = 120.0  # seconds from the last C-STORE; "within seconds" on an idle machine
 
 
-def storescu(port: int, called: str, *files: Path) -> None:
+def storescu(port: int, called: str, *files: Path, calling: str = "MODALITY") -> None:
     tool = shutil.which("storescu")
     if tool is None:
         pytest.skip("storescu (dcmtk) is not installed")
     # -xy: also propose JPEG baseline, so the compressed sample goes as it is
-    r = subprocess.run([tool, "-xy", "-aet", "MODALITY", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+    r = subprocess.run([tool, "-xy", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -73,7 +73,7 @@ def samples(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("samples")
     shared = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data")) / "dicom"  # as conftest.py
     if not (shared / HUMAN).exists():
-        uid = pydicom.uid.generate_uid()
+        uid = f"1.2.826.0.1.3680043.10.547.{time.time_ns()}"  # short enough for the ".1.1" suffixes (UI <= 64)
         human = make_file(out, uid, f"{uid}.1", f"{uid}.1.1", view="PA", modality="CR", sop_class=CR_SOP, size=256,
                           patient_id=MRN, issuer=ISSUER, accession=ACCESSION)
         return Films(human, None, {"CXR_MODEL": "cxr:untrained-demo", "CXR_OOD_GATE": "false"})
@@ -248,8 +248,17 @@ def test_storescu_to_cxr_serve_reaches_orthanc_fhir_and_the_ris_once(node, ortha
     fhir = httpx.Client(base_url=f"{proc.base}/fhir", timeout=30)
     source = send_and_check("cxr serve", fhir, orthanc, ris, human, dicom_port, proc.log, capsys)
 
-    # the same study again: no second report version, SR or ORU
+    # the same study again -- from the modality, from another sender, and routed by the PACS
+    # (Orthanc's own DICOM stack and AE title): no second report version, SR or ORU
     storescu(dicom_port, "CXR", human)
+    storescu(dicom_port, "CXR", human, calling="OTHER-MODALITY")
+    with orthanc.client() as pacs:
+        pacs.put("/modalities/cxr", json={"AET": "CXR", "Host": "127.0.0.1", "Port": dicom_port}).raise_for_status()
+        sid = orthanc_study(orthanc, str(source.StudyInstanceUID))
+        originals = [i["ID"] for i in pacs.get(f"/studies/{sid}/instances").json()
+                     if i["MainDicomTags"]["SOPInstanceUID"] == source.SOPInstanceUID]
+        routed = pacs.post("/modalities/cxr/store", json={"Resources": originals, "Synchronous": True}, timeout=120)
+        assert routed.status_code == 200, routed.text
     time.sleep(6)  # settle (1 s) + queue polls + what a delivery took above
     reports = search(fhir, f"DiagnosticReport?study.identifier=urn:dicom:uid|urn:oid:{source.StudyInstanceUID}")
     assert [r["meta"]["versionId"] for r in reports] == ["1"]
