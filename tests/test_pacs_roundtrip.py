@@ -375,3 +375,51 @@ def test_two_view_study_reports_once_and_delivers_what_was_analysed(node, orthan
     msg = parse_message(ris.messages[-1], find_groups=True)
     order = msg.oru_r01_patient_result.oru_r01_order_observation
     assert order.obr.obr_4.to_er7().startswith("36643-5^") and order.obr.obr_19.value == study
+
+
+def test_destinations_down_when_the_study_arrives_get_the_result_when_they_return(samples, tmp_path):
+    """The PACS and the RIS are both down: the report is stored, both deliveries wait (Task
+    in-progress, the last error recorded), and each is delivered once its destination is back."""
+    from orthanc_support import AE_TITLE, start_orthanc
+
+    pacs_port, ris_port, dicom_port = free_port(), free_port(), free_port()
+    data = tmp_path / "data"
+    data.mkdir()
+    env = server_env(data, **samples.model_env, CXR_DICOM_PORT=str(dicom_port),
+                     CXR_DICOM_DESTINATION=f"{AE_TITLE}@127.0.0.1:{pacs_port}", CXR_HL7_DESTINATION=f"127.0.0.1:{ris_port}",
+                     CXR_DICOM_STUDY_SETTLE_S="1", CXR_QUEUE_POLL_S="0.3", CXR_DELIVERY_BACKOFF_S="1",
+                     CXR_DELIVERY_BACKOFF_MAX_S="4", CXR_DICOM_TIMEOUT_S="5", CXR_HL7_ACK_TIMEOUT_S="3")
+    proc = start_serve(env, data / "serve.log")
+    pacs = ris = None
+    try:
+        proc.wait_ready(timeout=240)
+        fhir = httpx.Client(base_url=f"{proc.base}/fhir", timeout=30)
+        source = pydicom.dcmread(samples.human, stop_before_pixels=True)
+        storescu(dicom_port, "CXR", samples.human)
+        deadline = time.monotonic() + DELIVERY_BOUND_S
+        while True:
+            tasks = search(fhir, "Task?code=deliver")
+            if len(tasks) == 2 and all(t.get("statusReason") for t in tasks):
+                break
+            assert time.monotonic() < deadline, f"no failed attempt recorded: {tasks}; {proc.log.read_text()[-2000:]}"
+            time.sleep(0.3)
+        assert {t["status"] for t in tasks} == {"in-progress"}  # retrying, not failed: nothing is lost
+        [report] = search(fhir, f"DiagnosticReport?study.identifier=urn:dicom:uid|urn:oid:{source.StudyInstanceUID}")
+
+        pacs = start_orthanc(tmp_path / "pacs", dicom_port=pacs_port)
+        ris = Listener(["AA"], port=ris_port)
+        deadline = time.monotonic() + DELIVERY_BOUND_S
+        while True:
+            tasks = search(fhir, f"Task?focus=DiagnosticReport/{report['id']}")
+            if len(tasks) == 2 and all(t["status"] == "completed" for t in tasks):
+                break
+            assert time.monotonic() < deadline, f"not delivered after the outage: {tasks}"
+            time.sleep(0.5)
+        assert len(orthanc_instances(pacs, str(source.StudyInstanceUID), COMPREHENSIVE_3D_SR)) == 1
+        assert len(ris.messages) == 1 and [a for a, _ in ris.answered] == ["AA"]
+    finally:
+        proc.stop()
+        if pacs is not None:
+            pacs.stop()
+        if ris is not None:
+            ris.close()
