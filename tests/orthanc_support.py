@@ -1,11 +1,15 @@
-"""A real Orthanc (Debian `orthanc` + `orthanc-dicomweb`) for the delivery tests: started with a
-temp JSON config on free loopback ports, stopped (by its own pid) afterwards. Tests that need it
-skip cleanly where /usr/sbin/Orthanc or the DICOMweb plugin is not installed."""
+"""A real Orthanc (Debian `orthanc` + `orthanc-dicomweb`) for tests -- the one implementation shared
+by the DICOM-in, DICOM-out, DICOMweb and end-to-end tests (the `orthanc` pytest fixture lives in
+orthanc_fixture.py): started with a temp JSON config on free loopback ports, stopped (by its own
+pid) afterwards. Tests that need it skip cleanly where /usr/sbin/Orthanc or the DICOMweb plugin is
+not installed."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -15,8 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
+ORTHANC = os.environ.get("CXR_TEST_ORTHANC") or shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins", "/usr/lib/orthanc",
+               "/usr/lib/x86_64-linux-gnu/orthanc")
 AE_TITLE = "ORTHANC"
 
 
@@ -27,10 +32,10 @@ def free_port() -> int:
 
 
 def dicomweb_plugin() -> str | None:
-    for folder in PLUGIN_DIRS:
-        candidate = Path(folder) / "libOrthancDicomWeb.so"
-        if candidate.is_file():
-            return str(candidate)
+    for folder in map(Path, PLUGIN_DIRS):
+        for candidate in sorted(folder.glob("libOrthancDicomWeb.so*")) if folder.is_dir() else []:
+            if candidate.is_file():
+                return str(candidate)
     return None
 
 
@@ -62,6 +67,18 @@ class OrthancServer:
     def destination(self) -> str:
         return f"{AE_TITLE}@127.0.0.1:{self.dicom_port}"
 
+    @property
+    def aet(self) -> str:
+        return AE_TITLE
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def upload(self, data: bytes) -> dict:
+        r = httpx.post(f"{self.url}/instances", content=data, headers={"Content-Type": "application/dicom"}, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
     def get(self, path: str, **kwargs) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", timeout=10.0, **kwargs)
 
@@ -74,13 +91,18 @@ class OrthancServer:
         return self.get(f"/instances/{found[0]['ID']}/file").content
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 20 s (Orthanc, or any server a test started)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def start_orthanc(
@@ -110,20 +132,22 @@ def start_orthanc(
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
         "ConcurrentJobs": 1,
         "StableAge": 1,
+        "UnknownSopClassAccepted": True,
+        "SaveJobs": False,
     }
     config.update(extra or {})
     cfg = workdir / "orthanc.json"
     cfg.write_text(json.dumps(config))
     log = workdir / "orthanc.log"
     with log.open("wb") as out:
-        process = subprocess.Popen([ORTHANC, str(cfg)], stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([ORTHANC, str(cfg)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = OrthancServer(http_port, dicom_port, process, log)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"Orthanc exited: {log.read_text(errors='replace')[-2000:]}")
         try:
-            if server.get("/system").status_code == 200:
+            if server.get("/system").status_code == 200 and server.get("/dicom-web/studies").status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

@@ -7,9 +7,7 @@ import asyncio
 import base64
 import io
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -18,9 +16,10 @@ import pydicom
 import pytest
 from analyze_support import make_client, wait_until
 from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.core import Message
 from hl7apy.parser import parse_message
 from model_fixtures import dicom_bytes, quadrant_pixels
+from orthanc_fixture import orthanc  # noqa: F401 - the shared module-scoped fixture
+from mllp_support import Listener
 from orthanc_support import free_port, require_orthanc, start_orthanc
 
 from fhir_server.dicom import delivery
@@ -177,14 +176,6 @@ def test_sr_and_sc_carry_what_fhir_recorded(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------- Orthanc
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    require_orthanc()
-    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
-    yield server
-    server.stop()
-
-
 def _orthanc_has(orthanc, uids: list[str]) -> dict[str, pydicom.Dataset]:
     return {uid: pydicom.dcmread(io.BytesIO(orthanc.instance_file(uid))) for uid in uids}
 
@@ -263,61 +254,6 @@ def test_destination_down_is_retried_and_delivered_when_it_returns(tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------------- HL7 ORU over MLLP
-
-
-class Listener:
-    """A loopback MLLP server: records every message and answers from a script (AA, AE, or None = silence)."""
-
-    def __init__(self, answers: list[str | None], port: int = 0) -> None:
-        self.answers = list(answers)
-        self.messages: list[str] = []
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                data = b""
-                try:
-                    while not data.endswith(mllp.END):
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                except OSError:
-                    continue
-                text = data.strip(b"\x0b\x1c\r").decode()
-                self.messages.append(text)
-                answer = self.answers.pop(0) if self.answers else "AA"
-                if answer is None:
-                    time.sleep(2.5)  # silence past the client's ACK timeout (2 s)
-                    continue
-                incoming = parse_message(text, find_groups=False)
-                ack = Message("ACK", version="2.5.1")
-                ack.msh.msh_9 = "ACK^R01^ACK"
-                ack.msh.msh_10 = f"ACK{len(self.messages)}"
-                ack.msa.msa_1 = answer
-                ack.msa.msa_2 = incoming.msh.msh_10.value
-                if answer != "AA":
-                    ack.msa.msa_3 = "temporarily unable to file"
-                conn.sendall(mllp.frame(ack.to_er7()))
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from sqlalchemy import select, text, update
 from fhir_server.dicom.fhir_side import (
     InstanceHeader, _started, build_imaging_study, build_patient, patient_identifier, upsert_imaging_study,
 )
-from fhir_server.dicom.instance_store import InstanceStore, job_key, utcnow
+from fhir_server.dicom.instance_store import InstanceStore, content_digest, job_key, utcnow
 from fhir_server.dicom.tables import create_dicom_tables
 from fhir_server.queue.store import create_queue_table
 from fhir_server.queue.tables import QueueJob
@@ -212,3 +212,45 @@ def test_frontal_selection_uses_view_position_and_laterality():
     assert len(chosen.notes) == 2 and "laterality L" in chosen.notes[1]
     many = select_images([InstanceHeader(ds(SOPInstanceUID=f"{STUDY}.2.{i}", ViewPosition="PA"), "/x") for i in range(20)])
     assert len(many.images) == 16 and "16 of 20" in many.notes[-1]
+
+
+def test_content_digest_ignores_the_encoding_and_sees_every_change(tmp_path):
+    """A PACS forwarding an instance re-encodes it (lengths, delimiters, padding, OB/OW, another
+    little-endian transfer syntax): the same instance, so no second report; any value change is not."""
+    import io
+
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    def make() -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4.5"
+        ds.PatientName, ds.StudyDate, ds.ViewPosition = "Doe^Jane", "20240501", "PA"
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "399348003", "SCT", "PA"
+        ds.ViewCodeSequence = Sequence([item])
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 2, 2, 16, 12, 11
+        ds.SamplesPerPixel, ds.PixelRepresentation, ds.PhotometricInterpretation = 1, 0, "MONOCHROME2"
+        ds.PixelData = bytes(range(8))
+        return ds
+
+    def roundtrip(ds: Dataset, syntax: str, *, undefined_sq: bool, pixel_vr: str) -> Dataset:
+        ds = Dataset(ds)
+        ds["PixelData"].VR = pixel_vr
+        ds["ViewCodeSequence"].is_undefined_length = undefined_sq
+        buf = io.BytesIO()
+        ds.save_as(buf, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True)
+        return pydicom.dcmread(io.BytesIO(buf.getvalue()), force=True)
+
+    base = make()
+    encodings = [roundtrip(base, ExplicitVRLittleEndian, undefined_sq=True, pixel_vr="OW"),
+                 roundtrip(base, ExplicitVRLittleEndian, undefined_sq=False, pixel_vr="OB"),
+                 roundtrip(base, ImplicitVRLittleEndian, undefined_sq=True, pixel_vr="OW")]
+    assert len({content_digest(d) for d in [base, *encodings]}) == 1
+    changed = make()
+    changed.ViewPosition = "AP"
+    pixels = make()
+    pixels.PixelData = bytes(range(1, 9))
+    item = make()
+    item.ViewCodeSequence[0].CodeMeaning = "AP"
+    assert len({content_digest(d) for d in (base, changed, pixels, item)}) == 4

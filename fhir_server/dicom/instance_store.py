@@ -4,7 +4,10 @@ settle job, all done before the C-STORE is answered with success.
 Order matters: the file is written (temp file, fsync, rename, fsync of the directory) before the
 row commits, so a row never points at a file that a crash could lose; a crash in between leaves an
 orphan file that the next receipt of the same instance overwrites. An instance re-sent with the
-same bytes only counts the re-send: the study does not change, so nothing is analysed again.
+same content only counts the re-send: the study does not change, so nothing is analysed again.
+"Same content" is `content_digest`, not the bytes: a PACS that forwards an instance it received
+re-encodes it (Orthanc's DICOM stack writes other value/sequence lengths, padding and OB/OW than
+dcmtk's for the very same data set), and that must not make a second report, SR and ORU.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -99,13 +103,15 @@ class InstanceStore:
 
     def save(
         self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, sop_class_uid: str,
-        transfer_syntax: str, calling_ae: str = "", own_output: bool = False,
+        transfer_syntax: str, calling_ae: str = "", own_output: bool = False, digest: str | None = None,
     ) -> Receipt:
-        """Store one Part 10 file durably. Blocking (file + database I/O): call it from a thread."""
+        """Store one Part 10 file durably. Blocking (file + database I/O): call it from a thread.
+        `digest`: what decides "the same instance again" (content_digest of the data set); the
+        sha256 of `data` when not given."""
         for uid in (study_uid, series_uid, sop_uid):
             if not valid_uid(uid):
                 raise ValueError(f"not a valid DICOM UID: {uid!r}")
-        digest = hashlib.sha256(data).hexdigest()
+        digest = digest or hashlib.sha256(data).hexdigest()
         for attempt in range(5):
             try:
                 return self._save(data, digest, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
@@ -177,10 +183,40 @@ class InstanceStore:
             return tx.session.get(DicomStudy, study_uid)
 
 
+def content_digest(ds: Dataset) -> str:
+    """sha256 over the data set's elements (tag, VR class, value), independent of how they were
+    encoded: explicit/implicit lengths, sequence delimiters, padding, group lengths, OB vs OW.
+    File meta (group 0002) is the sender's, not the instance's, and is left out."""
+    h = hashlib.sha256()
+
+    def walk(d: Dataset) -> None:
+        for elem in d:  # a Dataset iterates in tag order
+            if elem.tag.group == 0x0002 or elem.tag.element == 0x0000:
+                continue
+            h.update(int(elem.tag).to_bytes(4, "big"))
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    h.update(b"\x00item")
+                    walk(item)
+                h.update(b"\x00end")
+                continue
+            value = elem.value
+            if isinstance(value, (bytes, bytearray)):
+                h.update(b"b" + len(value).to_bytes(8, "big") + bytes(value).rstrip(b"\x00 "))
+            else:
+                text = repr(value).encode("utf-8", "replace")
+                h.update(b"v" + len(text).to_bytes(8, "big") + text)
+
+    walk(ds)
+    return h.hexdigest()
+
+
 def settle_remaining(study: DicomStudy, settle_s: float, now: datetime | None = None) -> float:
     """Seconds until the study has been quiet for settle_s (<= 0: settled)."""
     quiet = ((now or utcnow()) - study.last_received).total_seconds()
     return settle_s - quiet
 
 
-__all__ = ["ANALYZE_TASK", "InstanceStore", "Receipt", "ensure_pending", "settle_remaining", "valid_uid"]
+__all__ = [
+    "ANALYZE_TASK", "InstanceStore", "Receipt", "content_digest", "ensure_pending", "settle_remaining", "valid_uid",
+]

@@ -26,7 +26,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 
 from ml.ingest.dicom_checks import ACCEPTED_SOP_CLASSES
 
-from .instance_store import InstanceStore, valid_uid
+from .instance_store import InstanceStore, content_digest, valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,15 @@ class StorageSCP:
         if ds_class != sop_class or sop_uid != str(event.request.AffectedSOPInstanceUID):
             log.info("DICOM: instance %s from %s does not match its C-STORE request", sop_uid, calling)
             return DATASET_DOES_NOT_MATCH
+        try:
+            digest: str | None = content_digest(ds)
+        except Exception:  # noqa: BLE001 - a value pydicom cannot convert: then the bytes decide
+            digest = None
         receipt = self.store.save(
             event.encoded_dataset(include_meta=True),
             study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class_uid=sop_class,
             transfer_syntax=str(event.context.transfer_syntax), calling_ae=calling,
-            own_output=manufacturer == OWN_MANUFACTURER,
+            own_output=manufacturer == OWN_MANUFACTURER, digest=digest,
         )
         log.info("DICOM: stored %s of study %s from %s (%s)", sop_uid, study_uid, calling, receipt.outcome)
         if receipt.outcome != "duplicate":
