@@ -36,7 +36,7 @@ if not Path(CHROMIUM).exists():
 
 @dataclass
 class Films:
-    pneumonia: Path  # NIH CXR14 (validation split), AP, labelled pneumonia
+    pneumonia: Path  # Kermany full resolution, pediatric pneumonia
     pa: Path  # NIH CXR14, PA
     dicom: Path  # SIIM CR PA as DICOM
     kermany: list[Path] = field(default_factory=list)
@@ -46,12 +46,14 @@ class Films:
 @pytest.fixture(scope="module")
 def films(shared_data: Path) -> Films:
     nih = shared_data / "nih_cxr14_fullres" / "images"
+    kermany_full = shared_data / "kermany_fullres" / "images" / "train"
     dicom = shared_data / "dicom"
     kermany_dir = shared_data / "kermany_pneumonia" / "images" / "train"
     normal = sorted((kermany_dir / "NORMAL").glob("*.jpeg"))[:2]
     kermany = [*normal[:1], *sorted((kermany_dir / "PNEUMONIA").glob("*.jpeg"))[:1], *normal[1:]]
     found = Films(
-        pneumonia=nih / "00000061_015.png",
+        # a child's film: the bundled model's validated population (an adult film is flagged)
+        pneumonia=kermany_full / "PNEUMONIA" / "person1004_bacteria_2935.jpeg",
         pa=nih / "00000773_001.png",
         dicom=dicom / "siim_cr_pa_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
         kermany=kermany,
@@ -206,7 +208,7 @@ def axe_violations(page: Any) -> list[str]:
 
 def test_upload_real_film_fills_findings_and_heatmap_changes_the_canvas(page, films, tmp_path):
     open_page(page)
-    upload(page, films.pneumonia, name="Ada Lovelace", ident="NIH-61")
+    upload(page, films.pneumonia, name="Ada Lovelace", ident="KER-1004")
     page.wait_for_url(re.compile(r"#/report/"))
     wait_viewer(page)
     rows = page.locator("#findings-body tr")
@@ -289,10 +291,10 @@ def test_worklist_lists_filters_and_opens_reports(page, films):
     assert all("Grace Hopper" in t for t in rows.all_inner_texts())
 
     page.fill("#f-name", "")
-    page.fill("#f-id", "NIH-61")
+    page.fill("#f-id", "KER-1004")
     page.click("#filters button[type=submit]")
     page.wait_for_function("() => !document.getElementById('wl-body').innerText.includes('Hopper')")
-    assert all("NIH-61" in t for t in page.locator("#wl-body tr[data-id]").all_inner_texts())
+    assert all("KER-1004" in t for t in page.locator("#wl-body tr[data-id]").all_inner_texts())
 
     page.click("#filters button[type=reset]")
     page.select_option("#f-triage", "urgent")
