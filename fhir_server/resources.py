@@ -376,7 +376,10 @@ def build_report(
         ],
     }
     codes = []
-    for f in detected:
+    # outside the model's validated population there is no coded conclusion, as there is no
+    # Observation.interpretation: receivers that triage on conclusionCode must not see it as urgent
+    outside = any(img.analysis.outside_population for img in images)
+    for f in () if outside else detected:
         m = mappings.finding(f.label, f.display)
         codes.append(_cc([*m.verified_codings, m.local], m.display))
     if codes:

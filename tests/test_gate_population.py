@@ -241,6 +241,9 @@ def test_fhir_outside_population_result(model, shared_data, tmp_path):
         res = by_type(r.json())
         assert "outside the validated population" in res["OperationOutcome"][0]["issue"][0]["diagnostics"].lower()
         assert "outside the validated population" in res["DiagnosticReport"][0]["conclusion"].lower()
+        # no coded conclusion either: a receiver triaging on conclusionCode must not call it urgent
+        assert "conclusionCode" not in res["DiagnosticReport"][0]
+        assert any(o["valueQuantity"]["value"] > 0.5 for o in res["Observation"])  # the probability is still there
         for obs in res["Observation"]:
             assert "interpretation" not in obs
 

@@ -68,7 +68,15 @@ export function isUrgent(report, critical) {
   return (report.conclusionCode || []).some((cc) => (cc.coding || []).some((c) => codes.has(`${c.system}|${c.code}`)));
 }
 
+// the server's impression prefix for a film outside the model's validated population (ml/findings.py)
+export const OUTSIDE_POPULATION = "OUTSIDE THE VALIDATED POPULATION";
+
+export function isOutsidePopulation(report) {
+  return (report.conclusion || "").includes(OUTSIDE_POPULATION);
+}
+
 export function topFinding(report) {
+  if (isOutsidePopulation(report)) return "Not interpreted: outside the model's validated population";
   const first = (report.conclusionCode || [])[0];
   if (!first) return "No finding above threshold";
   return first.text || ((first.coding || [])[0] || {}).display || "";
