@@ -12,38 +12,21 @@ non-zero when any file was not stored.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from fhir_server.dicom.store_scu import Destination
+from fhir_server.dicom.store_scu import parse_destination as _parse_destination
+
 DEFAULT_CALLING_AE = "CXR-SCU"
-_DEST = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
-
-
-@dataclass(frozen=True)
-class Destination:
-    ae_title: str
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 def parse_destination(text: str) -> Destination:
-    """AE@host:port -> Destination; argparse turns the ValueError into a usage error."""
-    m = _DEST.match(text.strip())
-    if not m or not m["ae"].strip() or not 0 < int(m["port"]) < 65536:
-        raise argparse.ArgumentTypeError(f"expected AE@host:port (AE title up to 16 characters), got {text!r}")
-    return Destination(m["ae"].strip(), m["host"].strip("[]"), int(m["port"]))
-
-
-def _status_text(status: int) -> str:
-    from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
-
-    info = STORAGE_SERVICE_CLASS_STATUS.get(status) or GENERAL_STATUS.get(status)
-    return f"{info[0]}: {info[1]}" if info else code_to_category(status)
+    """AE@host:port -> Destination (the delivery code's parser); a usage error when malformed."""
+    try:
+        return _parse_destination(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected AE@host:port (AE title up to 16 characters), got {text!r}") from exc
 
 
 def _associate(ae, dest: Destination):
