@@ -134,3 +134,30 @@ def test_a_database_made_by_create_all_of_a_newer_build_is_completed_and_stamped
     state = runner.upgrade(empty_engine)
     assert state.up_to_date
     assert _diff(empty_engine) == []
+
+
+def test_processes_starting_together_on_one_sqlite_file_migrate_once(tmp_path):
+    """`cxr serve` and `cxr worker` started together on the embedded SQLite file both upgrade at
+    start-up: the second waits for the first (it failed with 'database is locked' before)."""
+    import threading
+
+    errors: list[str] = []
+
+    def start() -> None:
+        engine = make_engine(f"sqlite:///{tmp_path / 'shared.sqlite3'}")
+        try:
+            runner.upgrade(engine)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(repr(exc))
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    engine = make_engine(f"sqlite:///{tmp_path / 'shared.sqlite3'}")
+    assert runner.status(engine).up_to_date and _diff(engine) == []
+    engine.dispose()

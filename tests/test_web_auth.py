@@ -32,7 +32,7 @@ def test_upload_page_sends_the_access_token(tmp_path, monkeypatch):
     try:
         with run_live_server(app) as server:
             url = f"{server.root}/auth/token"
-            r = httpx.post(url, data=token_form(assertion(key, "viewer", aud=url)))
+            r = httpx.post(url, data=token_form(assertion(key, "viewer", aud=url), scope="system/*.rs system/DiagnosticReport.c"))
             token = r.json()["access_token"]
             with playwright.sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -45,6 +45,7 @@ def test_upload_page_sends_the_access_token(tmp_path, monkeypatch):
                 page.dispatch_event("#token", "change")
                 page.set_input_files("#file", str(image))
                 page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+                page.wait_for_selector("#triage:not([hidden])", timeout=30_000)  # the viewer fills it in
                 assert page.inner_text("#triage")
                 # the token survives a reload of the tab (sessionStorage), never appears in the URL
                 page.reload()

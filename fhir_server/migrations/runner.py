@@ -100,6 +100,13 @@ def _adopt_unversioned(connection: Connection, cfg: Config) -> None:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> SchemaStatus:
+    if engine.dialect.name == "sqlite":
+        # BEGIN IMMEDIATE: two processes starting on one file (cxr serve + cxr worker) queue on the
+        # write lock for the busy timeout; a deferred transaction would fail at once when upgrading
+        # its read lock while the other one migrates
+        from fhir_server.storage.engine import WRITE_OPTION
+
+        engine = engine.execution_options(**{WRITE_OPTION: True})
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY - (1 << 63)})

@@ -298,9 +298,12 @@ def test_worklist_lists_filters_and_opens_reports(page, films):
 
     page.click("#filters button[type=reset]")
     page.select_option("#f-triage", "urgent")
-    page.wait_for_timeout(500)
+    # the filtered list replaces the reset one when its search returns: wait for it, then check it
+    page.wait_for_function("() => { const rows = [...document.querySelectorAll('#wl-body tr[data-id]')];"
+                           " return rows.length > 0 && rows.every((r) => r.innerText.toUpperCase().includes('URGENT')); }")
     for t in page.locator("#wl-body tr[data-id]").all_inner_texts():
         assert "URGENT" in t.upper()
+    assert "Grace Hopper" not in page.locator("#wl-body").inner_text()  # an adult film: never urgent
     page.select_option("#f-triage", "")
     page.wait_for_function("() => document.querySelectorAll('#wl-body tr[data-id]').length >= 2")
 
