@@ -29,6 +29,13 @@ def parse_destination(text: str) -> Destination:
         raise argparse.ArgumentTypeError(f"expected AE@host:port (AE title up to 16 characters), got {text!r}") from exc
 
 
+def _status_text(status: int) -> str:
+    from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+    info = STORAGE_SERVICE_CLASS_STATUS.get(status) or GENERAL_STATUS.get(status)
+    return f"{info[0]}: {info[1]}" if info else code_to_category(status)
+
+
 def _associate(ae, dest: Destination):
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if assoc.is_established:

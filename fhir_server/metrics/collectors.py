@@ -125,7 +125,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
             template = route_template(scope)
             method = scope.get("method", "GET")
             self.metrics.requests.labels(method=method, route=template, status=f"{status // 100}xx").inc()

@@ -446,7 +446,10 @@ def test_keyboard_only(page, films):
     page.wait_for_selector("#wl-body tr")
     page.keyboard.press("ArrowUp")
     page.wait_for_function("() => document.getElementById('f-status').value === ''")
-    page.wait_for_selector("#wl-body tr[data-id] a")
+    # the analysed list (rows with a triage) must have replaced the refused one before tabbing into
+    # it: a row focused in the old list is gone when the new one arrives
+    page.wait_for_function("() => { const rows = [...document.querySelectorAll('#wl-body tr[data-id]')];"
+                           " return rows.length > 0 && rows.every((r) => /URGENT|ROUTINE/.test(r.innerText.toUpperCase())); }")
     _tab_to(page, "#wl-body tr[data-id] a")
     page.keyboard.press("Enter")
     wait_viewer(page)
