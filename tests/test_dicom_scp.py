@@ -26,7 +26,9 @@ def server(tmp_path_factory):
     need("storescu")
     analyzer = tiny_test_analyzer()
     try:
-        with dicom_server(tmp_path_factory.mktemp("cxr-dicom"), analyzer=analyzer) as srv:
+        # 3 s of quiet settles a study: storescu's own start-up on a loaded CI machine must not
+        # split a study sent in two calls into two analyses
+        with dicom_server(tmp_path_factory.mktemp("cxr-dicom"), analyzer=analyzer, dicom_study_settle_s=3.0) as srv:
             yield srv
     finally:
         if analyzer is not None:
