@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect
 
 from fhir_server.migrations import runner
 from fhir_server.migrations.metadata import target_metadata
@@ -43,21 +42,16 @@ def empty_engine(request, tmp_path):
         yield engine
         engine.dispose()
         return
-    url = os.environ.get("CXR_TEST_POSTGRES_URL")
-    if not url:
+    if not os.environ.get("CXR_TEST_POSTGRES_URL"):
         pytest.skip("CXR_TEST_POSTGRES_URL not set")
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    name = f"cxr_mig_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    engine = make_engine(url.rsplit("/", 1)[0] + "/" + name)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+    from pg_cluster import fresh_postgres_database
+
+    with fresh_postgres_database("cxr_mig") as url:
+        engine = make_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def test_an_empty_database_upgrades_to_exactly_the_models(empty_engine):

@@ -6,12 +6,10 @@ import asyncio
 import os
 import threading
 import time
-import uuid
 from types import SimpleNamespace
 
 import pytest
 from fhir_support import BACKENDS, make_repo
-from sqlalchemy import create_engine as sa_engine
 from sqlalchemy import text
 
 from fhir_server.queue import JobFailed, JobStore, TaskDef, TransientError, cancel_in, enqueue_in, register_task
@@ -264,15 +262,11 @@ def test_cancel_from_elsewhere_stops_the_running_handler(repo):
 
 @pytest.mark.postgres
 def test_postgres_concurrent_claims_never_take_a_job_twice():
-    url = os.environ.get("CXR_TEST_POSTGRES_URL")
-    if not url:
+    if not os.environ.get("CXR_TEST_POSTGRES_URL"):
         pytest.skip("CXR_TEST_POSTGRES_URL not set")
-    admin = sa_engine(url, isolation_level="AUTOCOMMIT")
-    name = f"cxr_q_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    db_url = url.rsplit("/", 1)[0] + "/" + name
-    try:
+    from pg_cluster import fresh_postgres_database
+
+    with fresh_postgres_database("cxr_q") as db_url:
         repo = Repository.from_url(db_url)
         store = JobStore(repo.engine)
         ids = {store.enqueue("t", {"i": i}) for i in range(60)}
@@ -294,7 +288,3 @@ def test_postgres_concurrent_claims_never_take_a_job_twice():
             t.join()
         assert sorted(taken) == sorted(ids)  # every job once, none twice
         repo.dispose()
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
