@@ -238,6 +238,10 @@ class OnnxEngine:
         probs, features = self._session().run(None, {"x": np.ascontiguousarray(batch, dtype=np.float32)})
         return probs, features
 
+    def pooled(self, batch: np.ndarray) -> np.ndarray:
+        """(N, D) global-average-pooled cam-layer features of a (N, 1, S, S) batch."""
+        return self.forward(batch)[1].mean(axis=(2, 3))
+
 
 def check_images(size: int, count: int = 4) -> np.ndarray:
     """(count, 1, size, size) model inputs: real radiographs when the shared data is present."""
@@ -336,7 +340,7 @@ class OnnxFeatureGate:
 
         x, _ = to_model_input(image.pixels, self._size)
         _, features = self._engine.forward(x[None])
-        return self._gate.check_features(image, features[0].mean(axis=(1, 2)))  # type: ignore[attr-defined]
+        return self._gate.check_features(image, features[0].mean(axis=(1, 2)), self._engine.pooled)  # type: ignore[attr-defined]
 
 
 def onnx_default_gate(cache_dir: Path | None):  # -> OODGate

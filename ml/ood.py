@@ -43,6 +43,21 @@ LATERAL_VIEWS = {"LAT", "LL", "RL", "LATERAL", "RLD", "LLD", "XTABLE"}
 # ingest's colorfulness is the mean chroma in [0, 1]; grey films stored as RGB are ~0, a film with a
 # few coloured annotations stays well below this, photos are typically 0.1-0.4.
 MAX_COLORFULNESS = 0.06
+# Orientation consistency (issue 11): the orientation head's logit on the film as given ("own") is
+# compared with its logits on the same film turned 90/180/270 degrees and inverted. An upright film
+# beats every one of its own turned / inverted copies; a turned or inverted film loses to the copy
+# that undoes it. gap = best copy's logit - own logit. Numbers from the gate's fit patients only
+# (ml/training/gate_orientation.py): the largest gap of a fit chest film was -3.5 logits, the
+# smallest of a fit turned / inverted film +3.5, and no fit turned / inverted film had own >= 5.5.
+# - own >= ORIENT_CONFIDENT: upright, no copies needed (~93% of real films);
+# - 0 <= own: the film alone looks upright; refused when a copy beats it (gap > ORIENT_MARGIN = 0,
+#   the midpoint between the fit films' -3.5 and +3.5);
+# - own < 0: the film alone looks turned; it passes only when it beats every copy by at least the
+#   margin every fit chest film showed (gap <= -ORIENT_OVERTURN). Overturning the film-alone verdict
+#   takes a clear win: a turned cat scores own -0.05 and beats its copies by only 1.1.
+ORIENT_MARGIN = 0.0
+ORIENT_OVERTURN = 3.5
+ORIENT_CONFIDENT = 8.0
 
 
 def _sigmoid(x: float) -> float:
@@ -101,7 +116,11 @@ class GateParams:
         """0..1, 0.5 at its threshold; 1 where there is no orientation head (v1 gates)."""
         if self.orient_w is None:
             return np.ones(len(feats))
-        return 1.0 / (1.0 + np.exp(-np.clip(feats @ self.orient_w + self.orient_b, -60, 60)))
+        return 1.0 / (1.0 + np.exp(-np.clip(self.orientation_logit(feats), -60, 60)))
+
+    def orientation_logit(self, feats: np.ndarray) -> np.ndarray:
+        assert self.orient_w is not None
+        return feats @ self.orient_w + self.orient_b
 
     def scores(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(head score, distance score), each 0..1 with 0.5 at its threshold."""
@@ -109,6 +128,20 @@ class GateParams:
         d = self.distance(feats)
         dist = 1.0 / (1.0 + np.exp(-np.clip((self.dist_threshold - d) / self.dist_scale, -60, 60)))
         return head, dist
+
+
+def orientation_copies(pixels: np.ndarray) -> list[np.ndarray]:
+    """The film turned 90, 180 and 270 degrees and inverted: the copies an upright film must beat."""
+    return [np.ascontiguousarray(np.rot90(pixels, k)) for k in (1, 2, 3)] + [1.0 - pixels]
+
+
+def orientation_gap(params: GateParams, feats: np.ndarray, copy_feats: np.ndarray) -> float:
+    """Best copy's orientation logit minus the film's own (> ORIENT_MARGIN: turned or inverted)."""
+    return float(np.max(params.orientation_logit(copy_feats)) - params.orientation_logit(feats[None])[0])
+
+
+# (N, 1, S, S) model inputs -> (N, D) pooled backbone features
+PooledBatch = Callable[[np.ndarray], np.ndarray]
 
 
 def metadata_reason(image: XRayImage) -> str | None:
@@ -153,20 +186,39 @@ class FeatureGate:
         return cls(network, params, input_size, PopulationParams.from_state(state))
 
     def features(self, image: XRayImage) -> np.ndarray:
-        x, _ = to_model_input(image.pixels, self._size)
+        return self._torch_pooled(to_model_input(image.pixels, self._size)[0][None])[0]
+
+    def _torch_pooled(self, batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return self._net.pooled(torch.from_numpy(x)[None]).double().numpy()[0]
+            return self._net.pooled(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).double().numpy()
 
     def check(self, image: XRayImage) -> OODResult:
-        return self._decide(image, lambda: self.features(image))
+        return self._decide(image, lambda: self.features(image), self._torch_pooled)
 
-    def check_features(self, image: XRayImage, pooled: np.ndarray) -> OODResult:
+    def check_features(self, image: XRayImage, pooled: np.ndarray, pooled_batch: PooledBatch | None = None) -> OODResult:
         """check() with the pooled backbone features already computed: the classifier's own forward
         pass sees the same input (to_model_input at the same size) through the same network, so
-        the serving pipeline shares it instead of running the backbone twice (ml/pipeline.py)."""
-        return self._decide(image, lambda: np.asarray(pooled, dtype=np.float64))
+        the serving pipeline shares it instead of running the backbone twice (ml/pipeline.py).
+        `pooled_batch` runs that backbone on the film's turned / inverted copies when the orientation
+        check needs them (the caller's ONNX session; eager torch when not given)."""
+        return self._decide(image, lambda: np.asarray(pooled, dtype=np.float64), pooled_batch or self._torch_pooled)
 
-    def _decide(self, image: XRayImage, pooled: Callable[[], np.ndarray]) -> OODResult:
+    def orientation_score(self, image: XRayImage, feats: np.ndarray, pooled_batch: PooledBatch) -> float:
+        """0..1 with 0.5 at the refusal edge: sigmoid of the film's own orientation logit when it is
+        confidently upright, else sigmoid(edge - gap) from its turned / inverted copies (edge: see
+        ORIENT_MARGIN / ORIENT_OVERTURN)."""
+        params = self._params
+        if params is None or params.orient_w is None:
+            return 1.0
+        own = float(params.orientation_logit(feats[None])[0])
+        if own >= ORIENT_CONFIDENT:
+            return _sigmoid(own)
+        batch = np.stack([to_model_input(px, self._size)[0] for px in orientation_copies(image.pixels)])
+        copy_feats = np.asarray(pooled_batch(batch), dtype=np.float64)
+        edge = ORIENT_MARGIN if own >= 0 else -ORIENT_OVERTURN
+        return _sigmoid(edge - orientation_gap(params, feats, copy_feats))
+
+    def _decide(self, image: XRayImage, pooled: Callable[[], np.ndarray], pooled_batch: PooledBatch) -> OODResult:
         reason = metadata_reason(image)
         if reason is not None:
             return OODResult(passed=False, score=0.0, threshold=GATE_THRESHOLD, reason=reason, check="metadata")
@@ -176,7 +228,8 @@ class FeatureGate:
             return OODResult(passed=True, score=1.0, threshold=GATE_THRESHOLD, population=population)
         head, dist = self._params.scores(feats[None])
         head_s, dist_s = float(head[0]), float(dist[0])
-        orient_s = float(self._params.orientation(feats[None])[0])
+        # the copies cost four backbone passes: only for a film the cheaper checks let through
+        orient_s = self.orientation_score(image, feats, pooled_batch) if min(head_s, dist_s) >= GATE_THRESHOLD else 1.0
         score = min(head_s, dist_s, orient_s)
         if score >= GATE_THRESHOLD:
             return OODResult(passed=True, score=score, threshold=GATE_THRESHOLD, population=population)

@@ -257,7 +257,8 @@ class Analyzer:
         for row, prepared in enumerate(batch):
             if self._shared_gate:
                 try:
-                    prepared.ood = self._gate.check_features(prepared.image, features[row].mean(axis=(1, 2)))  # type: ignore[union-attr]
+                    prepared.ood = self._gate.check_features(  # type: ignore[union-attr]
+                        prepared.image, features[row].mean(axis=(1, 2)), self._engine.pooled)
                     prepared.warnings += self._gate_verdict(prepared.ood)
                 except Exception as exc:  # noqa: BLE001 - this request's refusal only
                     results.append(exc)

@@ -123,6 +123,72 @@ def test_refuses_the_cat_generated_negatives_ct_and_turned_films(gate, shared_da
         assert not gate.check(_image(np.ascontiguousarray(np.rot90(film, k)))).passed, k
 
 
+def _orientation_gate(own: float, copies: list[float]):
+    """A gate whose chest and distance checks always pass and whose orientation logit is feature 0,
+    with a backbone stand-in that returns `copies` as the turned / inverted copies' logits."""
+    from ml.ood import FeatureGate, GateParams
+
+    d = 4
+    params = GateParams(head_w=np.zeros(d), head_b=10.0, mean=np.zeros(d), components=np.eye(d)[:2],
+                        inv_sd=np.ones(2), dist_threshold=100.0, dist_scale=1.0,
+                        orient_w=np.eye(d)[0], orient_b=0.0)
+    calls: list[int] = []
+
+    def pooled_batch(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        assert batch.shape == (4, 1, 32, 32)  # turned 90 / 180 / 270 and inverted, at the model size
+        return np.array([[z, 0, 0, 0] for z in copies], dtype=np.float64)
+
+    gate = FeatureGate(torch_free_net(), params, 32)
+    film = _image(np.random.default_rng(0).random((40, 30)).astype(np.float32))
+    return gate.check_features(film, np.array([own, 0, 0, 0]), pooled_batch), calls
+
+
+def torch_free_net():
+    class NoNet:  # the copies go through pooled_batch; the network itself is never called
+        def pooled(self, x):
+            raise AssertionError("the torch backbone must not run when the caller gives pooled_batch")
+    return NoNet()
+
+
+@pytest.mark.parametrize(("own", "copies", "passed", "copies_run"), [
+    (9.0, [20.0, 20.0, 20.0, 20.0], True, False),  # confidently upright: no copies needed
+    (2.0, [1.9, -5.0, -3.0, -8.0], True, True),  # upright-looking film that beats every copy
+    (2.0, [-5.0, 2.5, -3.0, -8.0], False, True),  # a copy beats it: turned
+    (2.0, [-5.0, -3.0, -3.0, 2.1], False, True),  # its inverse beats it: inverted
+    (-1.0, [-5.0, -4.6, -9.0, -6.0], True, True),  # looks turned alone, but beats every copy by > 3.5
+    (-1.0, [-5.0, -2.0, -9.0, -6.0], False, True),  # beats its copies by only 1: not enough to overturn
+])
+def test_orientation_compares_the_film_with_its_turned_and_inverted_copies(own, copies, passed, copies_run):
+    res, calls = _orientation_gate(own, copies)
+    assert res.passed is passed
+    assert bool(calls) is copies_run
+    if not passed:
+        assert res.check == "orientation" and res.score < 0.5 and "turned or inverted" in res.reason
+
+
+def test_upright_films_the_film_alone_check_refused_now_pass_and_their_copies_do_not(gate, shared_data):
+    """Held-out films the orientation head alone scored as turned (the Hannover ICU film the model
+    card named, two Kermany films) pass; each of them turned or inverted is refused."""
+    from ml.ood import orientation_copies
+
+    for rel in ("covid19_hannover/images/7a2d2695.jpg", "kermany_pneumonia/images/train/NORMAL/IM-0584-0001.jpeg",
+                "kermany_pneumonia/images/train/PNEUMONIA/person1216_bacteria_3168.jpeg"):
+        path = shared_data / rel
+        if not path.exists():
+            pytest.skip(f"{rel} not in the shared data")
+        film = _load(path.read_bytes(), path.name)
+        params = gate._params
+        assert params.orientation_logit(gate.features(film)[None])[0] < 0, rel  # the old check refused it
+        assert gate.check(film).passed, rel
+        for copy in orientation_copies(film.pixels):
+            assert not gate.check(_image(copy)).passed, rel
+    cat = "feline_dx_chest_ap_deid_data.dcm"
+    px = _load((shared_data / "dicom" / cat).read_bytes(), cat).pixels
+    for copy in [px, *orientation_copies(px)]:
+        assert not gate.check(_image(copy)).passed
+
+
 def test_age_from_dicom_header():
     def meta(**extra):
         return ImageMetadata(source_format="dicom", width=1, height=1, extra=extra)

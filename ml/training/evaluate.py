@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ml.errors import CXRError, NotChestXRay
+from ml.image import XRayImage
 from ml.training.metrics import binary_report
 
 POSITIVE_ALIASES = {"pneumonia"}
@@ -226,13 +227,18 @@ def held_out_report(data_dir: Path, model, *, limit_per_source: int | None = Non
     analyzer = Analyzer(model, ood_gate=None, max_bytes=1 << 30, max_pixels=1 << 28)
     per: dict[str, dict[str, Any]] = {}
     adult = {"nih_no_pneumonia": [0, 0, 0], "nih_pneumonia": [0, 0, 0], "hannover_covid19": [0, 0, 0]}
+    # every held-out film also comes back once turned (90/180/270 degrees in turn) or inverted: a
+    # negative the gate must refuse (turned copy for 3 films in 4, inverted for the 4th)
+    turned = {"turned": [0, 0, []], "inverted": [0, 0, []]}
     t0 = time.time()
-    for film in films:
+    for i, film in enumerate(films):
         s = per.setdefault(film["source"], {"n": 0, "refused": 0, "errors": 0, "pop_n": 0, "pop_ok": 0, "refusals": []})
         if limit_per_source is not None and s["n"] + s["errors"] >= limit_per_source:
             continue
         try:
-            a = analyzer.analyze_bytes(film["path"].read_bytes(), filename=film["path"].name)
+            data = film["path"].read_bytes()
+            _turned_copy(analyzer, data, film["path"].name, i % 4, turned)
+            a = analyzer.analyze_bytes(data, filename=film["path"].name)
         except NotChestXRay as exc:
             s["n"] += 1
             s["refused"] += 1
@@ -261,11 +267,36 @@ def held_out_report(data_dir: Path, model, *, limit_per_source: int | None = Non
             "false_refusal_ci95": _wilson(s["refused"], s["n"]), "ingest_errors": s["errors"],
             "population_n": s["pop_n"], "population_accuracy": s["pop_ok"] / s["pop_n"] if s["pop_n"] else None,
             "population_ci95": _wilson(s["pop_ok"], s["pop_n"]), "refusals": s["refusals"][:10]}
+    report["negatives"] = {kind: {"n": n, "refused": k, "refusal_rate": k / n if n else None, "ci95": _wilson(k, n),
+                                  "passed": passed[:10]} for kind, (n, k, passed) in turned.items()}
     for key, (n, urgent, before) in adult.items():
         report["adult_urgent"][key] = {"n": n, "urgent": urgent, "share": urgent / n if n else None,
                                        "ci95": _wilson(urgent, n), "urgent_without_population_check": before,
                                        "share_without_population_check": before / n if n else None}
     return report
+
+
+def _turned_copy(analyzer, data: bytes, name: str, k: int, out: dict[str, list]) -> None:
+    """Analyse the film turned by k x 90 degrees (k = 1..3) or inverted (k = 0); count refusals."""
+    import dataclasses
+
+    from ml.ingest import load_image
+
+    try:
+        image = load_image(data, max_bytes=1 << 30, max_pixels=1 << 28, filename=name)
+    except CXRError:
+        return
+    px = image.pixels
+    px = 1.0 - px if k == 0 else np.ascontiguousarray(np.rot90(px, k))
+    h, w = px.shape
+    meta = dataclasses.replace(image.metadata, width=w, height=h)
+    kind = "inverted" if k == 0 else "turned"
+    out[kind][0] += 1
+    try:
+        analyzer.analyze_image(XRayImage(pixels=px.astype(np.float32), metadata=meta))
+        out[kind][2].append(f"{name}{' inverted' if k == 0 else f' turned {90 * k}'}")
+    except NotChestXRay:
+        out[kind][1] += 1
 
 
 def format_held_out(r: dict[str, Any]) -> str:
@@ -276,6 +307,12 @@ def format_held_out(r: dict[str, Any]) -> str:
             lo, hi = s["false_refusal_ci95"]
             lines.append(f"  {src:<20} {s['refused']:>4}/{s['n']:<5} = {s['false_refusal_rate']:.2%} (95% CI {lo:.2%}-{hi:.2%})"
                          f"  pass rate {1 - s['false_refusal_rate']:.2%}")
+    lines += ["", "The same held-out films turned or inverted (negatives: refused; Wilson 95% CI):"]
+    for kind, neg in r.get("negatives", {}).items():
+        if neg["n"]:
+            lo, hi = neg["ci95"]
+            lines.append(f"  {kind:<20} {neg['refused']:>4}/{neg['n']:<5} = {neg['refusal_rate']:.2%} refused "
+                         f"(95% CI {lo:.2%}-{hi:.2%})" + (f"; passed: {', '.join(neg['passed'])}" if neg["passed"] else ""))
     lines += ["", "Population head accuracy (films without a DICOM age; Wilson 95% CI):"]
     for src, s in r["sources"].items():
         if s["population_n"]:
