@@ -47,6 +47,8 @@ class ModelResult:
     fhir_read_p99: float | None = None
     peak_rss_mb: float | None = None
     detected: int | None = None  # findings detected on the 1024 px film (each one costs a CAM + regions)
+    # (analyses whose gate compared the film with its 4 turned / inverted copies, all analyses), from /metrics
+    compared: tuple[int, int] | None = None
 
 
 def _free_port() -> int:
@@ -283,7 +285,27 @@ def bench_ours(model: str, weights_dir: Path, scratch: Path, inputs, *, iteratio
         result.health_p99 = float(np.percentile(health, 99)) if health else None
         result.fhir_read_p99 = float(np.percentile(reads, 99)) if reads else None
         result.peak_rss_mb = memory_mb(proc.pid)
+        result.compared = _orientation_comparisons(root)
     return result
+
+
+def _orientation_comparisons(root: str) -> tuple[int, int] | None:
+    """How many of the server's analyses ran the gate's orientation comparison (from /metrics)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{root}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    compared = total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "cxr_gate_orientation_comparisons_total":
+                compared += sample.value
+            elif sample.name == "cxr_analyses_total":
+                total += sample.value
+    return int(compared), int(total)
 
 
 def _weights_identity(folder: Path, fixture: bool) -> str:
@@ -352,6 +374,9 @@ def print_results(results: list[ModelResult], naive: ModelResult | None) -> None
         print(f"   throughput (1024 px PNG, no heatmap): {rates}")
         if r.detected is not None:
             print(f"   findings detected on the 1024 px film: {r.detected} (regions are computed for each)")
+        if r.compared is not None:
+            print(f"   gate orientation comparisons (4 extra backbone passes each): {r.compared[0]} of {r.compared[1]} "
+                  "analyses (a film whose orientation alone is not clear is compared with its turned copies)")
         print(f"   under 8-client saturation: /healthz p99 {_fmt(r.health_p99)} ms; FHIR read p99 "
               f"{_fmt(r.fhir_read_p99)} ms; 5xx responses {r.errors_5xx}; peak RSS {_fmt(r.peak_rss_mb, '.0f')} MB")
     if naive:

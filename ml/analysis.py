@@ -44,10 +44,13 @@ class OODResult:
     score: float  # higher = more like a frontal chest radiograph, 0..1
     threshold: float
     reason: str | None = None
-    # which check decided: "metadata" | "chest_vs_not" | "distance" (None when it passed)
+    # which check decided: "metadata" | "chest_vs_not" | "orientation" | "distance" (None when it passed)
     check: str | None = None
     # the film's population (ml/population.py), when the gate could tell
     population: PopulationResult | None = None
+    # True when the orientation check compared the film with its turned / inverted copies (four
+    # extra backbone passes; ml/ood.py): counted in /metrics so a site sees what the gate costs
+    compared_copies: bool = False
 
 
 @dataclass(frozen=True)

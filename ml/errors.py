@@ -58,8 +58,8 @@ class UnsupportedDicom(InputError):
 class NotChestXRay(InputError):
     """The out-of-distribution gate refused the image: not a frontal chest radiograph.
 
-    `check` names the check that refused ("metadata", "chest_vs_not", "distance") and `score` /
-    `threshold` its gate score, so an API answer can say why."""
+    `check` names the check that refused ("metadata", "chest_vs_not", "orientation", "distance") and
+    `score` / `threshold` its gate score, so an API answer can say why."""
 
     code = "not_chest_xray"
     http_status = 422
@@ -70,6 +70,7 @@ class NotChestXRay(InputError):
         self.check = check
         self.score = score
         self.threshold = threshold
+        self.compared_copies = False  # the orientation check ran on the film's turned / inverted copies
 
     def fields(self) -> dict[str, object]:
         """Machine-readable extras for an API error body (which check refused, with its score)."""

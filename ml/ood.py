@@ -203,20 +203,20 @@ class FeatureGate:
         check needs them (the caller's ONNX session; eager torch when not given)."""
         return self._decide(image, lambda: np.asarray(pooled, dtype=np.float64), pooled_batch or self._torch_pooled)
 
-    def orientation_score(self, image: XRayImage, feats: np.ndarray, pooled_batch: PooledBatch) -> float:
-        """0..1 with 0.5 at the refusal edge: sigmoid of the film's own orientation logit when it is
-        confidently upright, else sigmoid(edge - gap) from its turned / inverted copies (edge: see
-        ORIENT_MARGIN / ORIENT_OVERTURN)."""
+    def orientation_score(self, image: XRayImage, feats: np.ndarray, pooled_batch: PooledBatch) -> tuple[float, bool]:
+        """(0..1 with 0.5 at the refusal edge, whether the copies were computed): sigmoid of the
+        film's own orientation logit when it is confidently upright, else sigmoid(edge - gap) from
+        its turned / inverted copies (edge: see ORIENT_MARGIN / ORIENT_OVERTURN)."""
         params = self._params
         if params is None or params.orient_w is None:
-            return 1.0
+            return 1.0, False
         own = float(params.orientation_logit(feats[None])[0])
         if own >= ORIENT_CONFIDENT:
-            return _sigmoid(own)
+            return _sigmoid(own), False
         batch = np.stack([to_model_input(px, self._size)[0] for px in orientation_copies(image.pixels)])
         copy_feats = np.asarray(pooled_batch(batch), dtype=np.float64)
         edge = ORIENT_MARGIN if own >= 0 else -ORIENT_OVERTURN
-        return _sigmoid(edge - orientation_gap(params, feats, copy_feats))
+        return _sigmoid(edge - orientation_gap(params, feats, copy_feats)), True
 
     def _decide(self, image: XRayImage, pooled: Callable[[], np.ndarray], pooled_batch: PooledBatch) -> OODResult:
         reason = metadata_reason(image)
@@ -229,10 +229,12 @@ class FeatureGate:
         head, dist = self._params.scores(feats[None])
         head_s, dist_s = float(head[0]), float(dist[0])
         # the copies cost four backbone passes: only for a film the cheaper checks let through
-        orient_s = self.orientation_score(image, feats, pooled_batch) if min(head_s, dist_s) >= GATE_THRESHOLD else 1.0
+        orient_s, compared = (self.orientation_score(image, feats, pooled_batch)
+                              if min(head_s, dist_s) >= GATE_THRESHOLD else (1.0, False))
         score = min(head_s, dist_s, orient_s)
         if score >= GATE_THRESHOLD:
-            return OODResult(passed=True, score=score, threshold=GATE_THRESHOLD, population=population)
+            return OODResult(passed=True, score=score, threshold=GATE_THRESHOLD, population=population,
+                             compared_copies=compared)
         if head_s < GATE_THRESHOLD:
             why = "the image does not look like a frontal chest radiograph"
             check = "chest_vs_not"
@@ -243,7 +245,7 @@ class FeatureGate:
             why = "the image is unlike the chest radiographs the model was trained on"
             check = "distance"
         return OODResult(passed=False, score=score, threshold=GATE_THRESHOLD, reason=why, check=check,
-                         population=population)
+                         population=population, compared_copies=compared)
 
 
 def load_gate_state(weights_dir: Path) -> dict[str, torch.Tensor] | None:

@@ -69,6 +69,8 @@ def test_load_loops_against_the_live_server(live_server):  # noqa: F811
     rate, errors = bench_http._throughput(url, "a.png", data, clients=2, seconds=2.0,
                                           probes=[(f"{live_server.root}/healthz", health)])
     assert rate > 0 and errors == 0 and health
+    compared, total = bench_http._orientation_comparisons(live_server.root)
+    assert total >= 3 and 0 <= compared <= total  # read from the server's own /metrics
 
 
 def test_ratio_table(capsys):
@@ -77,6 +79,9 @@ def test_ratio_table(capsys):
     bench_http.print_results([ours], naive)
     out = capsys.readouterr().out
     assert "1 clients x2.00" in out and "4 clients x4.00" in out and "8 clients x3.00" in out
+    ours.compared = (7, 40)
+    bench_http.print_results([ours], None)
+    assert "orientation comparisons (4 extra backbone passes each): 7 of 40 analyses" in capsys.readouterr().out
 
 
 def test_ensemble_members_get_fixtures_so_each_member_count_can_be_benched(tmp_path):

@@ -90,3 +90,37 @@ def test_unmatched_urls_share_one_label(client):
     s = _samples(client.get("/metrics").text)
     assert _value(s, "cxr_http_requests_total", method="GET", route="unmatched", status="4xx") == 5
     assert not any("/no/such" in dict(k[1]).get("route", "") for k in s)
+
+
+class _ComparingGate:
+    """Like the bundled gate's reports: the 1st film passes after the orientation comparison, the 2nd
+    is refused after it, the rest pass without one (the requests below are sent one at a time)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def check(self, image):
+        from ml.analysis import OODResult
+
+        self.calls += 1
+        if self.calls == 1:
+            return OODResult(passed=True, score=0.9, threshold=0.5, compared_copies=True)
+        if self.calls == 2:
+            return OODResult(passed=False, score=0.2, threshold=0.5, reason="the film looks turned",
+                             check="orientation", compared_copies=True)
+        return OODResult(passed=True, score=0.99, threshold=0.5)
+
+
+def test_orientation_comparisons_are_counted(tmp_path):
+    analyzer = tiny_analyzer(tiny_model(ood_gate=_ComparingGate()))
+    app = make_test_app(tmp_path, analyzer=analyzer)
+    with TestClient(app) as client:
+        png = png_bytes(quadrant_pixels(64, 64))
+        codes = [client.post("/api/v1/predict", files={"image": ("f.png", png, "image/png")}).status_code
+                 for _ in range(4)]
+        assert codes == [200, 422, 200, 200]
+        s = _samples(client.get("/metrics").text)
+        model = analyzer.model_info.name
+        assert _value(s, "cxr_gate_orientation_comparisons_total", model=model) == 2
+        assert _value(s, "cxr_analyses_total", model=model, outcome="served") == 3
+    analyzer.close()

@@ -79,6 +79,9 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.analyses = Counter("cxr_analyses", "Image analyses by model and outcome", ["model", "outcome"],
                                 registry=self.registry)
+        self.orientation_comparisons = Counter(
+            "cxr_gate_orientation_comparisons", "Analyses whose gate compared the film with its four turned / "
+            "inverted copies (four extra backbone passes)", ["model"], registry=self.registry)
         self.registry.register(_StateCollector(app))
 
     # hooks the inference pool calls (fhir_server.inference.InferencePool.observer)
@@ -87,6 +90,9 @@ class Metrics:
 
     def on_result(self, model: str, result: object) -> None:
         self.analyses.labels(model=model, outcome=analysis_outcome(result)).inc()
+        ood = getattr(result, "ood", None)
+        if getattr(ood, "compared_copies", False) or getattr(result, "compared_copies", False):
+            self.orientation_comparisons.labels(model=model).inc()
 
 
 def route_template(scope: Scope) -> str:
