@@ -349,6 +349,10 @@ def test_evaluate_held_out_prints_every_figure(model, shared_data):
     assert {"kermany_pneumonia", "nih_cxr14", "covid19_hannover", "dicom"} <= set(report["sources"])
     text = format_held_out(report)
     assert "false refusals" in text and "Population head accuracy" in text and "triaged urgent" in text
+    assert "framed as servers see them" in text and "turned or inverted" in text
     for s in report["sources"].values():
         assert s["n"] >= 1 and len(s["false_refusal_ci95"]) == 2
+        assert s["framed_n"] >= 1 and 0 <= s["framed_refused"] <= s["framed_n"]
+    negatives = report["negatives"]
+    assert negatives["turned"]["n"] + negatives["inverted"]["n"] >= 1
     assert report["adult_urgent"]["nih_no_pneumonia"]["n"] + report["adult_urgent"]["nih_pneumonia"]["n"] >= 1

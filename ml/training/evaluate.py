@@ -232,12 +232,14 @@ def held_out_report(data_dir: Path, model, *, limit_per_source: int | None = Non
     turned = {"turned": [0, 0, []], "inverted": [0, 0, []]}
     t0 = time.time()
     for i, film in enumerate(films):
-        s = per.setdefault(film["source"], {"n": 0, "refused": 0, "errors": 0, "pop_n": 0, "pop_ok": 0, "refusals": []})
+        s = per.setdefault(film["source"], {"n": 0, "refused": 0, "errors": 0, "pop_n": 0, "pop_ok": 0, "refusals": [],
+                                            "framed_n": 0, "framed_refused": 0, "framed_refusals": []})
         if limit_per_source is not None and s["n"] + s["errors"] >= limit_per_source:
             continue
         try:
             data = film["path"].read_bytes()
             _turned_copy(analyzer, data, film["path"].name, i % 4, turned)
+            _framed_copy(analyzer, data, film["path"].name, i, s)
             a = analyzer.analyze_bytes(data, filename=film["path"].name)
         except NotChestXRay as exc:
             s["n"] += 1
@@ -266,7 +268,10 @@ def held_out_report(data_dir: Path, model, *, limit_per_source: int | None = Non
             "n": s["n"], "refused": s["refused"], "false_refusal_rate": s["refused"] / s["n"] if s["n"] else None,
             "false_refusal_ci95": _wilson(s["refused"], s["n"]), "ingest_errors": s["errors"],
             "population_n": s["pop_n"], "population_accuracy": s["pop_ok"] / s["pop_n"] if s["pop_n"] else None,
-            "population_ci95": _wilson(s["pop_ok"], s["pop_n"]), "refusals": s["refusals"][:10]}
+            "population_ci95": _wilson(s["pop_ok"], s["pop_n"]), "refusals": s["refusals"][:10],
+            "framed_n": s["framed_n"], "framed_refused": s["framed_refused"],
+            "framed_false_refusal_ci95": _wilson(s["framed_refused"], s["framed_n"]),
+            "framed_refusals": s["framed_refusals"][:10]}
     report["negatives"] = {kind: {"n": n, "refused": k, "refusal_rate": k / n if n else None, "ci95": _wilson(k, n),
                                   "passed": passed[:10]} for kind, (n, k, passed) in turned.items()}
     for key, (n, urgent, before) in adult.items():
@@ -274,6 +279,31 @@ def held_out_report(data_dir: Path, model, *, limit_per_source: int | None = Non
                                        "ci95": _wilson(urgent, n), "urgent_without_population_check": before,
                                        "share_without_population_check": before / n if n else None}
     return report
+
+
+def _framed_copy(analyzer, data: bytes, name: str, index: int, out: dict[str, Any]) -> None:
+    """Analyse the film once more framed as servers see films (ml/training/gate_augment.py: a random
+    2-4 of aspect stretch, border, collimation, letterboxing, 6-8-bit, small JPEG re-encode,
+    burned-in text, another window, a few degrees of rotation), seeded per film; count refusals."""
+    import dataclasses
+    import zlib
+
+    from ml.ingest import load_image
+    from ml.training.gate_augment import frame_variant
+
+    try:
+        image = load_image(data, max_bytes=1 << 30, max_pixels=1 << 28, filename=name)
+    except CXRError:
+        return
+    px = frame_variant(image.pixels, np.random.default_rng(zlib.crc32(f"framed:{index}:{name}".encode())))
+    h, w = px.shape
+    out["framed_n"] += 1
+    try:
+        analyzer.analyze_image(XRayImage(pixels=px.astype(np.float32),
+                                         metadata=dataclasses.replace(image.metadata, width=w, height=h)))
+    except NotChestXRay as exc:
+        out["framed_refused"] += 1
+        out["framed_refusals"].append(f"{name} (framed): {exc.message}")
 
 
 def _turned_copy(analyzer, data: bytes, name: str, k: int, out: dict[str, list]) -> None:
@@ -307,6 +337,13 @@ def format_held_out(r: dict[str, Any]) -> str:
             lo, hi = s["false_refusal_ci95"]
             lines.append(f"  {src:<20} {s['refused']:>4}/{s['n']:<5} = {s['false_refusal_rate']:.2%} (95% CI {lo:.2%}-{hi:.2%})"
                          f"  pass rate {1 - s['false_refusal_rate']:.2%}")
+    lines += ["", "The same films framed as servers see them (borders, collimation, letterboxing, 6-8-bit, small JPEG "
+              "re-encodes, burned-in text; one random framing each), refused:"]
+    for src, s in r["sources"].items():
+        if s.get("framed_n"):
+            lo, hi = s["framed_false_refusal_ci95"]
+            k, n = s["framed_refused"], s["framed_n"]
+            lines.append(f"  {src:<20} {k:>4}/{n:<5} = {k / n:.2%} (95% CI {lo:.2%}-{hi:.2%})  pass rate {1 - k / n:.2%}")
     lines += ["", "The same held-out films turned or inverted (negatives: refused; Wilson 95% CI):"]
     for kind, neg in r.get("negatives", {}).items():
         if neg["n"]:
@@ -328,6 +365,6 @@ def format_held_out(r: dict[str, Any]) -> str:
                          f"without the check {a['urgent_without_population_check']}/{a['n']} = "
                          f"{a['share_without_population_check']:.1%}")
     for src, s in r["sources"].items():
-        for x in s["refusals"]:
+        for x in [*s["refusals"], *s.get("framed_refusals", [])]:
             lines.append(f"refused ({src}): {x}")
     return "\n".join(lines)
