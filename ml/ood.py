@@ -47,17 +47,20 @@ MAX_COLORFULNESS = 0.06
 # compared with its logits on the same film turned 90/180/270 degrees and inverted. An upright film
 # beats every one of its own turned / inverted copies; a turned or inverted film loses to the copy
 # that undoes it. gap = best copy's logit - own logit. Numbers from the gate's fit patients only
-# (ml/training/gate_orientation.py): the largest gap of a fit chest film was -3.5 logits, the
-# smallest of a fit turned / inverted film +3.5, and no fit turned / inverted film had own >= 5.5.
-# - own >= ORIENT_CONFIDENT: upright, no copies needed (~93% of real films);
+# (ml/training/gate_orientation.py, films as served and framed as servers see them): the largest gap
+# of a fit chest film was -3.5 as served (-2.2 framed), the smallest of a fit turned / inverted copy
+# +3.5 (+2.2 framed); the largest own logit of a fit copy that the chest and distance checks let
+# through was 8.3 (a framed film turned 180 degrees; 5.5 as served).
+# - own >= ORIENT_CONFIDENT (8.3 + the 2.5 margin first set on the as-served copies): upright, no
+#   copies needed (~75-85% of real films);
 # - 0 <= own: the film alone looks upright; refused when a copy beats it (gap > ORIENT_MARGIN = 0,
-#   the midpoint between the fit films' -3.5 and +3.5);
+#   the midpoint between the fit films' and the fit copies' gaps);
 # - own < 0: the film alone looks turned; it passes only when it beats every copy by at least the
-#   margin every fit chest film showed (gap <= -ORIENT_OVERTURN). Overturning the film-alone verdict
-#   takes a clear win: a turned cat scores own -0.05 and beats its copies by only 1.1.
+#   margin every fit chest film showed as served (gap <= -ORIENT_OVERTURN). Overturning the
+#   film-alone verdict takes a clear win: a turned cat scores own -0.05 and beats its copies by 1.1.
 ORIENT_MARGIN = 0.0
 ORIENT_OVERTURN = 3.5
-ORIENT_CONFIDENT = 8.0
+ORIENT_CONFIDENT = 10.8
 
 
 def _sigmoid(x: float) -> float:

@@ -152,7 +152,8 @@ def torch_free_net():
 
 
 @pytest.mark.parametrize(("own", "copies", "passed", "copies_run"), [
-    (9.0, [20.0, 20.0, 20.0, 20.0], True, False),  # confidently upright: no copies needed
+    (12.0, [20.0, 20.0, 20.0, 20.0], True, False),  # confidently upright: no copies needed
+    (9.0, [8.0, -5.0, -3.0, -8.0], True, True),  # upright but not confidently: compared, beats every copy
     (2.0, [1.9, -5.0, -3.0, -8.0], True, True),  # upright-looking film that beats every copy
     (2.0, [-5.0, 2.5, -3.0, -8.0], False, True),  # a copy beats it: turned
     (2.0, [-5.0, -3.0, -3.0, 2.1], False, True),  # its inverse beats it: inverted
