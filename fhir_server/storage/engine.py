@@ -55,7 +55,9 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
 
 def create_tables(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine)
+    # as a writer: a deferred transaction cannot upgrade to a write lock once another writer
+    # committed after its first read (see create_dicom_tables)
+    SQLModel.metadata.create_all(engine.execution_options(**{WRITE_OPTION: True}))
 
 
 def drop_tables(engine: Engine) -> None:

@@ -451,7 +451,9 @@ def test_keyboard_only(page, films):
     page.wait_for_function("() => { const rows = [...document.querySelectorAll('#wl-body tr[data-id]')];"
                            " return rows.length > 0 && rows.every((r) => /URGENT|ROUTINE/.test(r.innerText.toUpperCase())); }")
     for attempt in range(3):
-        _tab_to(page, "#wl-body tr[data-id] a")
+        # a report's link: the other tests' refused and failed analyses (Task rows, #/task/) may be
+        # listed too once a live update arrives
+        _tab_to(page, "#wl-body tr[data-id] a[href^='#/report/']")
         page.keyboard.press("Enter")
         try:  # the 5 s live update may replace the rows between Tab and Enter: tab again then
             page.wait_for_url(re.compile(r"#/report/"), timeout=5_000)
@@ -459,6 +461,9 @@ def test_keyboard_only(page, films):
         except Exception:
             if attempt == 2:
                 raise
+            if "#/report/" not in page.url and "#/task/" in page.url:
+                page.go_back()  # Enter landed on a row that changed under it: back to the worklist
+                page.wait_for_selector("#worklist-view:not([hidden])")
     wait_viewer(page)
 
 
