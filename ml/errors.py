@@ -65,12 +65,12 @@ class NotChestXRay(InputError):
     http_status = 422
 
     def __init__(self, message: str, *, detail: str | None = None, check: str | None = None,
-                 score: float | None = None, threshold: float | None = None) -> None:
+                 score: float | None = None, threshold: float | None = None, compared_copies: bool = False) -> None:
         super().__init__(message, detail=detail)
         self.check = check
         self.score = score
         self.threshold = threshold
-        self.compared_copies = False  # the orientation check ran on the film's turned / inverted copies
+        self.compared_copies = compared_copies  # the orientation check ran on the film's turned / inverted copies
 
     def fields(self) -> dict[str, object]:
         """Machine-readable extras for an API error body (which check refused, with its score)."""

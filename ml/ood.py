@@ -138,9 +138,15 @@ def orientation_copies(pixels: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(np.rot90(pixels, k)) for k in (1, 2, 3)] + [1.0 - pixels]
 
 
-def orientation_gap(params: GateParams, feats: np.ndarray, copy_feats: np.ndarray) -> float:
-    """Best copy's orientation logit minus the film's own (> ORIENT_MARGIN: turned or inverted)."""
-    return float(np.max(params.orientation_logit(copy_feats)) - params.orientation_logit(feats[None])[0])
+def orientation_edge(own: np.ndarray | float) -> np.ndarray:
+    """The gap (best copy's logit - own) above which a film is refused as turned or inverted."""
+    return np.where(np.asarray(own) >= 0, ORIENT_MARGIN, -ORIENT_OVERTURN)
+
+
+def orientation_refused(own: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """The orientation check's verdict from a film's own logit and its gap (what the server decides;
+    ml/training/gate_orientation.py measures the rule with this same function)."""
+    return (own < ORIENT_CONFIDENT) & (gap > orientation_edge(own))
 
 
 # (N, 1, S, S) model inputs -> (N, D) pooled backbone features
@@ -217,9 +223,8 @@ class FeatureGate:
         if own >= ORIENT_CONFIDENT:
             return _sigmoid(own), False
         batch = np.stack([to_model_input(px, self._size)[0] for px in orientation_copies(image.pixels)])
-        copy_feats = np.asarray(pooled_batch(batch), dtype=np.float64)
-        edge = ORIENT_MARGIN if own >= 0 else -ORIENT_OVERTURN
-        return _sigmoid(edge - orientation_gap(params, feats, copy_feats)), True
+        best_copy = float(np.max(params.orientation_logit(np.asarray(pooled_batch(batch), dtype=np.float64))))
+        return _sigmoid(float(orientation_edge(own)) - (best_copy - own)), True
 
     def _decide(self, image: XRayImage, pooled: Callable[[], np.ndarray], pooled_batch: PooledBatch) -> OODResult:
         reason = metadata_reason(image)

@@ -356,16 +356,15 @@ def _outside_population(model: LoadedModel, ood: OODResult | None) -> str | None
 def _refuse_unless_passed(ood: OODResult) -> None:
     if not ood.passed:
         check = ood.check or "gate"
-        refusal = NotChestXRay(
+        raise NotChestXRay(
             _sentence(ood.reason or "the image does not look like a frontal chest radiograph")
             + f" Refused by the {check} check (score {ood.score:.3f}, threshold {ood.threshold:.3f}).",
             detail=f"OOD score {ood.score:.3f} below threshold {ood.threshold:.3f}",
             check=ood.check,
             score=ood.score,
             threshold=ood.threshold,
+            compared_copies=ood.compared_copies,
         )
-        refusal.compared_copies = ood.compared_copies
-        raise refusal
 
 
 def _sentence(text: str) -> str:

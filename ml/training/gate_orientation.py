@@ -104,7 +104,7 @@ def pairs(rows: list[dict[str, Any]], side: str, variant: str | None = None) -> 
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from ml.ood import ORIENT_CONFIDENT, ORIENT_MARGIN, ORIENT_OVERTURN
+    from ml.ood import ORIENT_CONFIDENT, orientation_refused
     from ml.training.gate_fit import wilson
 
     fit = pairs(rows, "fit", "orig")
@@ -115,10 +115,6 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "largest_copy_own": float(fit["copy"][:, 0].max()),
         "films_own_below_confident": float(np.mean(fit["film"][:, 0] < ORIENT_CONFIDENT)),
     }}
-
-    def refused(own: np.ndarray, gap: np.ndarray) -> np.ndarray:
-        edge = np.where(own >= 0, ORIENT_MARGIN, -ORIENT_OVERTURN)
-        return (own < ORIENT_CONFIDENT) & (gap > edge)
 
     framed = pairs(rows, "fit", "framed")
     if len(framed["film"]):
@@ -132,10 +128,11 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         p = pairs(rows, side, variant)
         if not len(p["film"]):
             continue
-        f_ref = int(refused(p["film"][:, 0], p["film"][:, 1]).sum())
-        c_ref = int(refused(p["copy"][:, 0], p["copy"][:, 1]).sum())
-        gate_f = int((refused(p["film"][:, 0], p["film"][:, 1]) | (p["film"][:, 2] == 0)).sum())
-        gate_c = int((refused(p["copy"][:, 0], p["copy"][:, 1]) | (p["copy"][:, 2] == 0)).sum())
+        film_or = orientation_refused(p["film"][:, 0], p["film"][:, 1])
+        copy_or = orientation_refused(p["copy"][:, 0], p["copy"][:, 1])
+        f_ref, c_ref = int(film_or.sum()), int(copy_or.sum())
+        gate_f = int((film_or | (p["film"][:, 2] == 0)).sum())  # or refused by the chest / distance checks
+        gate_c = int((copy_or | (p["copy"][:, 2] == 0)).sum())
         out[f"{side} ({variant})"] = {
             "films_refused_by_the_gate": [gate_f, len(p["film"]), wilson(gate_f, len(p["film"]))],
             "copies_refused_by_the_gate": [gate_c, len(p["copy"]), wilson(gate_c, len(p["copy"]))],
