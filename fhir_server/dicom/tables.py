@@ -13,6 +13,8 @@ from sqlalchemy import Column, DateTime, Index, Text
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel
 
+from fhir_server.storage.engine import create_tables
+
 
 class DicomInstance(SQLModel, table=True):
     __tablename__ = "dicom_instance"
@@ -51,11 +53,4 @@ class DicomStudy(SQLModel, table=True):
 
 
 def create_dicom_tables(engine: Engine) -> None:
-    from fhir_server.storage.engine import WRITE_OPTION
-
-    # As a writer (BEGIN IMMEDIATE on SQLite): create_all reads the schema, then writes; a deferred
-    # transaction whose read snapshot another start-up writer (the job queue) overtook cannot
-    # upgrade to a write lock and fails at once with "database is locked", whatever the busy timeout.
-    # (A test replica on an old schema with auto-upgrade off failed this way on a loaded machine.)
-    SQLModel.metadata.create_all(engine.execution_options(**{WRITE_OPTION: True}),
-                                 tables=[DicomInstance.__table__, DicomStudy.__table__])
+    create_tables(engine, tables=[DicomInstance.__table__, DicomStudy.__table__])

@@ -54,10 +54,12 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return create_engine(url, echo=echo, pool_pre_ping=True)
 
 
-def create_tables(engine: Engine) -> None:
-    # as a writer: a deferred transaction cannot upgrade to a write lock once another writer
-    # committed after its first read (see create_dicom_tables)
-    SQLModel.metadata.create_all(engine.execution_options(**{WRITE_OPTION: True}))
+def create_tables(engine: Engine, tables: list | None = None) -> None:
+    """create_all (of `tables`, default every model's) as a writer (BEGIN IMMEDIATE on SQLite):
+    create_all reads the schema, then writes, and a deferred transaction whose read snapshot another
+    start-up writer (the job queue) overtook cannot upgrade to a write lock: it fails at once with
+    "database is locked", whatever the busy timeout (a migration test failed so on a loaded machine)."""
+    SQLModel.metadata.create_all(engine.execution_options(**{WRITE_OPTION: True}), tables=tables)
 
 
 def drop_tables(engine: Engine) -> None:
