@@ -236,15 +236,14 @@ def held_out_report(data_dir: Path, model, *, limit_per_source: int | None = Non
                                             "framed_n": 0, "framed_refused": 0, "framed_refusals": []})
         if limit_per_source is not None and s["n"] + s["errors"] >= limit_per_source:
             continue
+        data, name = film["path"].read_bytes(), film["path"].name
         try:
-            data = film["path"].read_bytes()
-            _turned_copy(analyzer, data, film["path"].name, i % 4, turned)
-            _framed_copy(analyzer, data, film["path"].name, i, s)
-            a = analyzer.analyze_bytes(data, filename=film["path"].name)
+            _copies(analyzer, data, name, i, s, turned)
+            a = analyzer.analyze_bytes(data, filename=name)
         except NotChestXRay as exc:
             s["n"] += 1
             s["refused"] += 1
-            s["refusals"].append(f"{film['path'].name}: {exc.message}")
+            s["refusals"].append(f"{name}: {exc.message}")
             continue
         except CXRError:
             s["errors"] += 1
@@ -281,11 +280,13 @@ def held_out_report(data_dir: Path, model, *, limit_per_source: int | None = Non
     return report
 
 
-def _framed_copy(analyzer, data: bytes, name: str, index: int, out: dict[str, Any]) -> None:
-    """Analyse the film once more framed as servers see films (ml/training/gate_augment.py: a random
-    2-4 of aspect stretch, border, collimation, letterboxing, 6-8-bit, small JPEG re-encode,
-    burned-in text, another window, a few degrees of rotation), seeded per film; count refusals."""
-    import dataclasses
+def _copies(analyzer, data: bytes, name: str, index: int, per_source: dict[str, Any],
+            turned: dict[str, list]) -> None:
+    """Analyse the film (decoded once) twice more: framed as servers see films
+    (ml/training/gate_augment.py: a random 2-4 of aspect stretch, border, collimation, letterboxing,
+    6-8-bit, small JPEG re-encode, burned-in text, another window, a few degrees of rotation; seeded
+    per film) and turned by k x 90 degrees (k = index % 4 = 1..3) or inverted (k = 0). Counts refusals:
+    a framed film refused is a false refusal, a turned or inverted one passed is a missed negative."""
     import zlib
 
     from ml.ingest import load_image
@@ -294,39 +295,33 @@ def _framed_copy(analyzer, data: bytes, name: str, index: int, out: dict[str, An
     try:
         image = load_image(data, max_bytes=1 << 30, max_pixels=1 << 28, filename=name)
     except CXRError:
-        return
-    px = frame_variant(image.pixels, np.random.default_rng(zlib.crc32(f"framed:{index}:{name}".encode())))
-    h, w = px.shape
-    out["framed_n"] += 1
-    try:
-        analyzer.analyze_image(XRayImage(pixels=px.astype(np.float32),
-                                         metadata=dataclasses.replace(image.metadata, width=w, height=h)))
-    except NotChestXRay as exc:
-        out["framed_refused"] += 1
-        out["framed_refusals"].append(f"{name} (framed): {exc.message}")
+        return  # counted once, as the film's own ingest error
+    framed = frame_variant(image.pixels, np.random.default_rng(zlib.crc32(f"framed:{index}:{name}".encode())))
+    per_source["framed_n"] += 1
+    refusal = _refusal(analyzer, image, framed)
+    if refusal is not None:
+        per_source["framed_refused"] += 1
+        per_source["framed_refusals"].append(f"{name} (framed): {refusal.message}")
+    k = index % 4
+    kind = "inverted" if k == 0 else "turned"
+    turned[kind][0] += 1
+    if _refusal(analyzer, image, 1.0 - image.pixels if k == 0 else np.ascontiguousarray(np.rot90(image.pixels, k))):
+        turned[kind][1] += 1
+    else:
+        turned[kind][2].append(f"{name}{' inverted' if k == 0 else f' turned {90 * k}'}")
 
 
-def _turned_copy(analyzer, data: bytes, name: str, k: int, out: dict[str, list]) -> None:
-    """Analyse the film turned by k x 90 degrees (k = 1..3) or inverted (k = 0); count refusals."""
+def _refusal(analyzer, image: XRayImage, pixels: np.ndarray) -> NotChestXRay | None:
+    """The gate's refusal of `image` with its pixels replaced (metadata kept, size updated), or None."""
     import dataclasses
 
-    from ml.ingest import load_image
-
+    h, w = pixels.shape
     try:
-        image = load_image(data, max_bytes=1 << 30, max_pixels=1 << 28, filename=name)
-    except CXRError:
-        return
-    px = image.pixels
-    px = 1.0 - px if k == 0 else np.ascontiguousarray(np.rot90(px, k))
-    h, w = px.shape
-    meta = dataclasses.replace(image.metadata, width=w, height=h)
-    kind = "inverted" if k == 0 else "turned"
-    out[kind][0] += 1
-    try:
-        analyzer.analyze_image(XRayImage(pixels=px.astype(np.float32), metadata=meta))
-        out[kind][2].append(f"{name}{' inverted' if k == 0 else f' turned {90 * k}'}")
-    except NotChestXRay:
-        out[kind][1] += 1
+        analyzer.analyze_image(XRayImage(pixels=pixels.astype(np.float32),
+                                         metadata=dataclasses.replace(image.metadata, width=w, height=h)))
+    except NotChestXRay as exc:
+        return exc
+    return None
 
 
 def format_held_out(r: dict[str, Any]) -> str:
