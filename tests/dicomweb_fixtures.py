@@ -62,6 +62,27 @@ def multipart(*payloads: bytes, boundary: str = BOUNDARY, preamble: bytes = b"")
     return body, f'multipart/related; type="application/dicom"; boundary="{boundary}"'
 
 
+def mock_study(study_uid: str, instances: list[Instance], *, with_view: bool = True) -> None:
+    """Inside `with respx.mock:`, the PACS answers QIDO-RS for the study and WADO-RS for each instance."""
+    import httpx
+    import respx
+
+    respx.get(f"{PACS}/studies/{study_uid}/instances").mock(return_value=httpx.Response(
+        200, json=qido_json(study_uid, instances, with_view=with_view), headers={"content-type": "application/dicom+json"}))
+    for inst in instances:
+        mock_instance(study_uid, inst)
+
+
+def mock_instance(study_uid: str, inst: Instance) -> None:
+    """Inside `with respx.mock:`, the PACS answers WADO-RS for one instance (multipart/related)."""
+    import httpx
+    import respx
+
+    body, ctype = multipart(inst.data)
+    respx.get(f"{PACS}/studies/{study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}").mock(
+        return_value=httpx.Response(200, content=body, headers={"content-type": ctype}))
+
+
 def endpoint(endpoint_id: str = "pacs") -> dict:
     return {
         "resourceType": "Endpoint",

@@ -7,7 +7,7 @@ import httpx
 import pytest
 import respx
 from analyze_support import by_type, make_client, media, outcome, png_b64, total
-from dicomweb_fixtures import PACS, endpoint, imaging_study, make_instance, multipart, qido_json
+from dicomweb_fixtures import endpoint, imaging_study, make_instance, mock_instance, mock_study
 from model_fixtures import RefusingGate, tiny_analyzer
 
 SCT = "http://snomed.info/sct"
@@ -213,12 +213,7 @@ def test_imaging_study_via_dicomweb_end_to_end(client) -> None:
     pa = make_instance(STUDY, f"{STUDY}.1", f"{STUDY}.1.1", view="PA", quadrant="top_left")
     lat = make_instance(STUDY, f"{STUDY}.2", f"{STUDY}.2.1", view="LL", quadrant="all")
     with respx.mock:
-        respx.get(f"{PACS}/studies/{STUDY}/instances").mock(
-            return_value=httpx.Response(200, json=qido_json(STUDY, [pa, lat], with_view=False), headers={"content-type": "application/dicom+json"}))
-        for inst in (pa, lat):
-            body, ctype = multipart(inst.data)
-            respx.get(f"{PACS}/studies/{STUDY}/series/{inst.series_uid}/instances/{inst.sop_uid}").mock(
-                return_value=httpx.Response(200, content=body, headers={"content-type": ctype}))
+        mock_study(STUDY, [pa, lat], with_view=False)
         response = client.post(f"/fhir/ImagingStudy/{study['id']}/$analyze")
     assert response.status_code == 201, response.text
     kinds = by_type(response.json())
@@ -243,9 +238,7 @@ def test_type_level_imaging_study_with_contained_endpoint_is_ingested_idempotent
                         "instance": [{"uid": pa.sop_uid, "sopClass": {"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008.5.1.4.1.1.1.1"}}]}]
     params = {"resourceType": "Parameters", "parameter": [{"name": "imagingStudy", "resource": study}, {"name": "heatmaps", "valueBoolean": False}]}
     with respx.mock:
-        body, ctype = multipart(pa.data)
-        respx.get(f"{PACS}/studies/{STUDY}/series/{pa.series_uid}/instances/{pa.sop_uid}").mock(
-            return_value=httpx.Response(200, content=body, headers={"content-type": ctype}))
+        mock_instance(STUDY, pa)
         first = client.post("/fhir/ImagingStudy/$analyze", json=params)
         second = client.post("/fhir/ImagingStudy/$analyze", json=params)
     assert first.status_code == 201, first.text

@@ -278,9 +278,8 @@ def run_session(client: Any) -> Session:
 def _imaging_study_session(s: Session, pid: str) -> None:
     """$analyze of an ImagingStudy whose images come over DICOMweb (QIDO-RS + WADO-RS, mocked with
     respx from realistic payloads): PA + lateral, so a study-level report."""
-    import httpx
     import respx
-    from dicomweb_fixtures import PACS, endpoint, imaging_study, make_instance, multipart, qido_json
+    from dicomweb_fixtures import endpoint, imaging_study, make_instance, mock_study
 
     study_uid = "1.2.826.0.1.3680043.8.498.4242"
     s.call("create PACS Endpoint", "PUT", "/fhir/Endpoint/conformance-pacs", (200, 201), json=endpoint("conformance-pacs"))
@@ -289,12 +288,7 @@ def _imaging_study_session(s: Session, pid: str) -> None:
     pa = make_instance(study_uid, f"{study_uid}.1", f"{study_uid}.1.1", view="PA")
     lateral = make_instance(study_uid, f"{study_uid}.2", f"{study_uid}.2.1", view="LL", quadrant="all")
     with respx.mock:
-        respx.get(f"{PACS}/studies/{study_uid}/instances").mock(return_value=httpx.Response(
-            200, json=qido_json(study_uid, [pa, lateral]), headers={"content-type": "application/dicom+json"}))
-        for inst in (pa, lateral):
-            body, ctype = multipart(inst.data)
-            respx.get(f"{PACS}/studies/{study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}").mock(
-                return_value=httpx.Response(200, content=body, headers={"content-type": ctype}))
+        mock_study(study_uid, [pa, lateral])
         s.call("$analyze ImagingStudy instance (DICOMweb)", "POST", f"/fhir/ImagingStudy/{study.get('id')}/$analyze", 201)
     s.call("DiagnosticReport for the study", "GET", f"/fhir/DiagnosticReport?patient=Patient/{pid}&_include=DiagnosticReport:result&_revinclude=Provenance:target", 200)
 

@@ -376,9 +376,8 @@ def test_malformed_destinations_are_refused() -> None:
 def test_study_of_two_images_refers_each_finding_to_its_own_image(tmp_path: Path) -> None:
     """$analyze of an ImagingStudy (DICOMweb, respx): pneumonia comes from the PA image, effusion
     from the AP one; the SR's regions and the SCs must point at those images, not the first one."""
-    import httpx
     import respx
-    from dicomweb_fixtures import PACS, endpoint, imaging_study, make_instance, multipart, qido_json
+    from dicomweb_fixtures import endpoint, imaging_study, make_instance, mock_study
 
     study_uid = "1.2.826.0.1.3680043.8.498.4242"
     pa = make_instance(study_uid, f"{study_uid}.1", f"{study_uid}.1.1", view="PA", quadrant="top_left")
@@ -391,12 +390,7 @@ def test_study_of_two_images_refers_each_finding_to_its_own_image(tmp_path: Path
         assert client.put("/fhir/Endpoint/pacs", json=endpoint()).status_code in (200, 201)
         created = client.post("/fhir/ImagingStudy", json=imaging_study(study_uid)).json()
         with respx.mock:
-            respx.get(f"{PACS}/studies/{study_uid}/instances").mock(return_value=httpx.Response(
-                200, json=qido_json(study_uid, [pa, ap]), headers={"content-type": "application/dicom+json"}))
-            for inst in (pa, ap):
-                body, ctype = multipart(inst.data)
-                respx.get(f"{PACS}/studies/{study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}").mock(
-                    return_value=httpx.Response(200, content=body, headers={"content-type": ctype}))
+            mock_study(study_uid, [pa, ap])
             response = client.post(f"/fhir/ImagingStudy/{created['id']}/$analyze")
         assert response.status_code == 201, response.text
         report = f"DiagnosticReport/{response.json()['entry'][0]['resource']['id']}"
