@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analyze_support import by_type, make_client, outcome
+from analyze_support import by_type, make_client, media, outcome
 from ml.image import ImageMetadata, XRayImage
 from ml.population import ADULT, PEDIATRIC, age_years
 from ml.training.ood_negatives import read_dicom_pixels, pydicom_test_file, render_document, skimage_photo, synthetic_pattern
@@ -22,19 +22,22 @@ HUMAN_DICOMS = ("barre_CR-MONO1-10-chest_nometa.dcm", "nih_google_dx_secondary_c
 
 
 @pytest.fixture(scope="module")
-def model():
-    from ml.errors import ModelUnavailable
-    from ml.models.bundled import load_bundled
-
-    try:
-        return load_bundled()
-    except ModelUnavailable as exc:
-        pytest.skip(f"bundled weights not installed: {exc.message}")
+def model(bundled_model):
+    return bundled_model  # conftest's: skips when the shipped weights are not installed
 
 
 @pytest.fixture(scope="module")
 def gate(model):
     return model.ood_gate
+
+
+def _analyze_as_media(client, data: bytes, content_type: str = "image/png"):
+    """Store the bytes as a Media (analyze_support.media) and POST its $analyze."""
+    import base64
+
+    resource = media(content={"contentType": content_type, "data": base64.b64encode(data).decode()})
+    created = client.post("/fhir/Media", json=resource).json()
+    return client.post(f"/fhir/Media/{created['id']}/$analyze")
 
 
 def _load(data: bytes, name: str = "film") -> XRayImage:
@@ -262,18 +265,13 @@ def test_refusal_names_the_check_and_score_on_both_apis(model, tmp_path):
         err = r.json()["error"]
         assert err["code"] == "not_chest_xray" and err["check"] in ("chest_vs_not", "distance")
         assert 0 <= err["score"] < err["threshold"] and "check" in err["message"]
-        media = {"resourceType": "Media", "status": "completed", "subject": {"reference": "Patient/p1"},
-                 "content": {"contentType": "image/png", "data": __import__("base64").b64encode(noise).decode()}}
-        created = client.post("/fhir/Media", json=media).json()
-        r = client.post(f"/fhir/Media/{created['id']}/$analyze")
+        r = _analyze_as_media(client, noise)
         assert r.status_code == 422
         issue = outcome(r)
         assert issue["details"]["text"] == "not_chest_xray" and "check (score" in issue["diagnostics"]
 
 
 def test_warn_mode_analyses_and_flags_on_both_apis(model, tmp_path):
-    import base64
-
     noise = _png(np.random.default_rng(5).random((256, 256)))
     with make_client(tmp_path, analyzer=_analyzer(model, "warn"), ood_gate="warn") as client:
         r = client.post("/api/v1/predict", files={"image": ("noise.png", noise, "image/png")})
@@ -281,10 +279,7 @@ def test_warn_mode_analyses_and_flags_on_both_apis(model, tmp_path):
         body = r.json()
         assert any("CXR_OOD_GATE=warn" in w for w in body["warnings"])
         assert body["metadata"]["ood"]["passed"] is False and body["metadata"]["ood"]["check"]
-        media = {"resourceType": "Media", "status": "completed", "subject": {"reference": "Patient/p1"},
-                 "content": {"contentType": "image/png", "data": base64.b64encode(noise).decode()}}
-        created = client.post("/fhir/Media", json=media).json()
-        r = client.post(f"/fhir/Media/{created['id']}/$analyze")
+        r = _analyze_as_media(client, noise)
         assert r.status_code in (200, 201), r.text
         res = by_type(r.json())
         (oo,) = res["OperationOutcome"]
@@ -293,17 +288,12 @@ def test_warn_mode_analyses_and_flags_on_both_apis(model, tmp_path):
 
 
 def test_fhir_outside_population_result(model, shared_data, tmp_path):
-    import base64
-
     data = _dicom_with_age(shared_data, "061Y")
     with make_client(tmp_path, analyzer=_analyzer(model)) as client:
         body = client.post("/api/v1/predict", files={"image": ("adult.dcm", data, "application/dicom")}).json()
         assert body["prediction"]["triage"] == "routine" and body["warnings"]
         assert body["metadata"]["population"]["outside_validated_population"] is True
-        media = {"resourceType": "Media", "status": "completed", "subject": {"reference": "Patient/p1"},
-                 "content": {"contentType": "application/dicom", "data": base64.b64encode(data).decode()}}
-        created = client.post("/fhir/Media", json=media).json()
-        r = client.post(f"/fhir/Media/{created['id']}/$analyze")
+        r = _analyze_as_media(client, data, "application/dicom")
         assert r.status_code in (200, 201), r.text
         res = by_type(r.json())
         assert "outside the validated population" in res["OperationOutcome"][0]["issue"][0]["diagnostics"].lower()
