@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,17 +16,12 @@ import pydicom
 import pytest
 from live_server import LiveServer, make_test_app, run_live_server
 from model_fixtures import dicom_bytes, quadrant_pixels
+from proc_server import free_port  # noqa: F401 - tests take it from here too
 
 CR_SOP = "1.2.840.10008.5.1.4.1.1.1"
 DX_SOP = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROC_SOP = "1.2.840.10008.5.1.4.1.1.1.1.1"
 CT_SOP = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need(tool: str) -> str:

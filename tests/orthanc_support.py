@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -18,17 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from proc_server import free_port, stop_process
 
 ORTHANC = os.environ.get("CXR_TEST_ORTHANC") or shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins", "/usr/lib/orthanc",
                "/usr/lib/x86_64-linux-gnu/orthanc")
 AE_TITLE = "ORTHANC"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dicomweb_plugin() -> str | None:
@@ -92,17 +85,6 @@ class OrthancServer:
 
     def stop(self) -> None:
         stop_process(self.process)
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after 20 s (Orthanc, or any server a test started)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def start_orthanc(

@@ -36,6 +36,17 @@ def server_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout` s (cxr serve / worker, Orthanc, any server a test started)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path, port: int | None = None) -> None:
         self.port = port
@@ -69,13 +80,7 @@ class Proc:
         self._log_file.close()
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
+        stop_process(self.popen, timeout)
         self._log_file.close()
         return self.popen.returncode
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from dicom_support import CR_SOP, free_port, make_file
-from orthanc_fixture import orthanc, stop_process  # noqa: F401 - the fixture
+from dicom_support import CR_SOP, make_file
+from orthanc_fixture import orthanc  # noqa: F401 - the fixture
+from proc_server import free_port, server_env, start_serve
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY = "1.2.826.0.1.3680043.10.546.1"
@@ -23,47 +24,18 @@ STUDY = "1.2.826.0.1.3680043.10.546.1"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     data = tmp_path_factory.mktemp("cxr-serve")
-    http_port, dicom_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "CXR_DATA_DIR": str(data),
-        "CXR_PORT": str(http_port),
-        "CXR_HOST": "127.0.0.1",
-        "CXR_ENGINE": "torch",
-        # generated images are not real films: the untrained registry model without the gate
-        # (the shipped model and its gate on real films: test_dicom_scp's shared-samples test)
-        "CXR_MODEL": "cxr:untrained-demo",
-        "CXR_OOD_GATE": "false",
-        "CXR_INFERENCE_WORKERS": "1",
-        "CXR_DICOM_PORT": str(dicom_port),
-        "CXR_DICOM_AE_TITLE": "CXRAI",
-        "CXR_DICOM_ALLOWED_AES": json.dumps(["ORTHANC", "CXR-SCU"]),
-        "CXR_DICOM_STUDY_SETTLE_S": "1",
-        "CXR_QUEUE_POLL_S": "0.3",
-    }
-    log = open(data / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "fhir_server", "serve", "--log-level", "warning"], cwd=REPO,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    root = f"http://127.0.0.1:{http_port}"
+    dicom_port = free_port()
+    # generated images are not real films: the untrained registry model without the gate
+    # (server_env; the shipped model and its gate on real films: test_dicom_scp's shared-samples test)
+    env = server_env(data, CXR_DICOM_PORT=str(dicom_port), CXR_DICOM_AE_TITLE="CXRAI",
+                     CXR_DICOM_ALLOWED_AES=json.dumps(["ORTHANC", "CXR-SCU"]), CXR_DICOM_STUDY_SETTLE_S="1",
+                     CXR_QUEUE_POLL_S="0.3")
+    proc = start_serve(env, data / "serve.log")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"cxr serve exited: {(data / 'serve.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{root}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("cxr serve did not become ready")
-            time.sleep(0.3)
-        yield root, dicom_port, data
+        proc.wait_ready(timeout=180)
+        yield proc.base, dicom_port, data
     finally:
-        stop_process(proc)
-        log.close()
+        proc.stop()
 
 
 def wait_for(fn, timeout: float = 90.0):
